@@ -1,0 +1,1054 @@
+"""core.py: the brain, its presets, the tokenizer, checkpoints and the run plumbing every stage shares.
+
+Sections, top to bottom:
+  presets      one table of sizes (tiny for the CPU, base = the original's brain)
+  tokenizer    byte-level BPE with fixed special ids (padding has its own id; action and <sep> tokens)
+  brain        img_enc, img_dec, text_enc, text_dec, value, and the calls the user knows by name
+  checkpoints  atomic, weights-only, named <stage>_<UTC time>_batch<N>.pt, retention that never loses a run
+  run          arguments, logging, seeding, devices, DDP, AMP, NaN guard, signals: the loop's plumbing
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import game
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+@dataclasses.dataclass
+class BrainConfig:
+    img_size: int = 96          # pixels per side of the frames the brain sees
+    patch: int = 12             # pixels per side of one image token
+    width: int = 128            # model width, shared by all parts so they can attend to each other
+    img_heads: int = 4          # attention heads in the image parts
+    img_enc_layers: int = 2     # image encoder blocks
+    img_dec_layers: int = 1     # image decoder blocks (kept shallow: deep decoders did not learn positions)
+    text_heads: int = 4         # attention heads in the text parts
+    text_enc_layers: int = 2    # text encoder blocks (causal)
+    text_dec_layers: int = 2    # text decoder blocks (causal, cross-attending to the image)
+    value_heads: int = 2        # attention heads in the value head
+    value_layers: int = 1       # value head blocks
+    vocab: int = 2000           # tokenizer vocabulary, special tokens included
+    seq_len: int = 32           # tokens per sentence, <s> and </s> included
+    mlp_ratio: int = 4          # MLP hidden width / model width
+    null_tokens: int = 4        # learned tokens standing for "no text" / "no image"
+
+
+PRESETS = {
+    # gold radius 1/64 of the board is 1.5 px at 96 px: the smallest size that keeps it visible
+    "tiny": BrainConfig(),
+    "small": BrainConfig(img_size=128, patch=16, width=256, img_heads=8, img_enc_layers=4, img_dec_layers=2,
+                         text_heads=8, text_enc_layers=4, text_dec_layers=2, value_heads=4, value_layers=2,
+                         vocab=4000),
+    "base": BrainConfig(img_size=224, patch=14, width=768, img_heads=12, img_enc_layers=6, img_dec_layers=3,
+                        text_heads=6, text_enc_layers=8, text_dec_layers=4, value_heads=3, value_layers=4,
+                        vocab=10000),
+}
+
+PARTS = ("img_enc", "img_dec", "text_enc", "text_dec", "value")
+
+
+def make_config(preset, **overrides):
+    """The preset's sizes with any overrides (None means keep); checks that they fit together."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.img_size % cfg.patch:
+        raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch {cfg.patch}")
+    for name in ("img_heads", "text_heads", "value_heads"):
+        if cfg.width % getattr(cfg, name):
+            raise ValueError(f"width {cfg.width} is not divisible by {name} {getattr(cfg, name)}")
+    if cfg.vocab <= len(SPECIALS):
+        raise ValueError(f"vocab {cfg.vocab} must exceed the {len(SPECIALS)} special tokens")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+# Fixed ids. Padding has its own id (the original reused <s>); actions and <sep> are reserved tokens.
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<img>", "<sep>", "<mask>"] + [f"<{a}>" for a in game.ACTION_NAMES]
+PAD, BOS, EOS, UNK, IMG, SEP, MASK = range(7)
+ACTION_TOKENS = [SPECIALS.index(f"<{a}>") for a in game.ACTION_NAMES]   # indexed by game action id
+
+
+class Tokenizer:
+    """Byte-level BPE (the `tokenizers` library) with SPECIALS at ids 0..; travels inside checkpoints as JSON."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        for i, s in enumerate(SPECIALS):
+            if tok.token_to_id(s) != i:
+                raise ValueError(f"tokenizer has {s!r} at id {tok.token_to_id(s)}, expected {i}")
+        self.vocab = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, sentences, vocab):
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(sentences, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text):
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_str(text))
+
+    def to_json(self):
+        return self.tok.to_str()
+
+    def ids(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, texts, seq_len, eos=True):
+        """List of strings -> LongTensor (B, seq_len): <s> text </s> then <pad>, truncated to fit."""
+        out = torch.full((len(texts), seq_len), PAD, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [BOS] + self.ids(t)[: seq_len - 1 - eos] + ([EOS] if eos else [])
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def encode_qa(self, questions, answers, seq_len):
+        """<s> question <sep> answer </s> <pad>...; returns (tokens, question_mask, answer_mask).
+        question_mask marks <s>, the question and <sep>; answer_mask marks the answer tokens and </s>."""
+        toks = torch.full((len(questions), seq_len), PAD, dtype=torch.long)
+        qmask = torch.zeros_like(toks, dtype=torch.bool)
+        amask = torch.zeros_like(qmask)
+        for i, (q, a) in enumerate(zip(questions, answers)):
+            qi = [BOS] + self.ids(q) + [SEP]
+            ai = self.ids(a) + [EOS]
+            if len(qi) + len(ai) > seq_len:
+                raise ValueError(f"question and answer take {len(qi) + len(ai)} tokens, more than {seq_len}: {q!r} {a!r}")
+            toks[i, : len(qi) + len(ai)] = torch.tensor(qi + ai)
+            qmask[i, : len(qi)] = True
+            amask[i, len(qi): len(qi) + len(ai)] = True
+        return toks, qmask, amask
+
+    def decode(self, ids):
+        """Ids -> text, stopping at </s> and dropping the other special tokens."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return self.tok.decode([i for i in ids if i >= len(SPECIALS)]).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# brain
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, ctx, causal=False, ctx_mask=None):
+        B, T, W = x.shape
+        q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if ctx_mask is None else ctx_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, W))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
+
+    def __init__(self, width, heads, mlp_ratio, cross=False, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.ln1, self.attn = nn.LayerNorm(width), Attention(width, heads)
+        self.ln2, self.cross = (nn.LayerNorm(width), Attention(width, heads)) if cross else (None, None)
+        self.ln3 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x, ctx=None, ctx_mask=None):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, causal=self.causal)
+        if self.cross is not None:
+            x = x + self.cross(self.ln2(x), ctx, ctx_mask=ctx_mask)
+        return x + self.mlp(self.ln3(x))
+
+
+def sincos_2d(grid, width):
+    """Fixed 2D sin/cos position code for a grid x grid of image tokens, rows first (row = y)."""
+    quarter = width // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter) / quarter))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freq) for c in (y, x) for f in (torch.sin, torch.cos)]
+    code = torch.cat(parts, dim=1)
+    return F.pad(code, (0, width - code.shape[1]))
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patchify = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch)
+        self.register_buffer("pos", sincos_2d(cfg.img_size // cfg.patch, cfg.width), persistent=False)
+        self.tags = nn.Parameter(torch.randn(2, cfg.width) * 0.02)     # "first" and "second" image, two_img_context
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.img_heads, cfg.mlp_ratio) for _ in range(cfg.img_enc_layers))
+        self.ln = nn.LayerNorm(cfg.width)
+
+    def forward(self, img):
+        x = self.patchify(img * 2 - 1).flatten(2).transpose(1, 2) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x)
+
+
+class ImageDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        # the "no text" context: learned rather than noise, so the image side gets the same input every time
+        self.null_text = nn.Parameter(torch.randn(1, cfg.null_tokens, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.img_heads, cfg.mlp_ratio, cross=True)
+                                    for _ in range(cfg.img_dec_layers))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.unpatchify = nn.Linear(cfg.width, 3 * cfg.patch ** 2)
+
+    def forward(self, img_tokens, ctx, ctx_mask=None):
+        x = img_tokens
+        for blk in self.blocks:
+            x = blk(x, ctx, ctx_mask)
+        p, g = self.cfg.patch, self.cfg.img_size // self.cfg.patch
+        x = self.unpatchify(self.ln(x)).view(-1, g, g, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, g * p, g * p)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.width)
+        self.pos_emb = nn.Parameter(torch.randn(1, cfg.seq_len, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.text_heads, cfg.mlp_ratio, causal=True)
+                                    for _ in range(cfg.text_enc_layers))
+        self.ln = nn.LayerNorm(cfg.width)
+
+    def forward(self, text):
+        x = self.tok_emb(text) + self.pos_emb[:, : text.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.null_img = nn.Parameter(torch.randn(1, cfg.null_tokens, cfg.width) * 0.02)   # the "no image" context
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.text_heads, cfg.mlp_ratio, cross=True, causal=True)
+                                    for _ in range(cfg.text_dec_layers))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.vocab))
+
+    def forward(self, text_tokens, ctx):
+        x = text_tokens
+        for blk in self.blocks:
+            x = blk(x, ctx)
+        return self.head(self.ln(x))
+
+
+class ValueHead(nn.Module):
+    """"Dopamine": how good the situation is, one scalar per text position."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.value_heads, cfg.mlp_ratio, cross=True, causal=True)
+                                    for _ in range(cfg.value_layers))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.out = nn.Linear(cfg.width, 1)
+
+    def forward(self, text_tokens, ctx):
+        x = text_tokens
+        for blk in self.blocks:
+            x = blk(x, ctx)
+        return self.out(self.ln(x)).squeeze(-1)
+
+
+@dataclasses.dataclass
+class Sample:
+    tokens: torch.Tensor     # (B, seq_len) prompt + sampled tokens, <pad> after </s>
+    lengths: torch.Tensor    # (B,) tokens in use
+    logprobs: torch.Tensor   # (B, n) log-prob of each sampled token (0 once a row has ended)
+    entropies: torch.Tensor  # (B, n) entropy of each sampling distribution (0 once ended)
+    sampled: torch.Tensor    # (B, n) bool: a token was really sampled at this step
+
+
+class Brain(nn.Module):
+    """One transformer brain: the image and text sides attend to each other; a value head judges."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.img_enc, self.img_dec = ImageEncoder(cfg), ImageDecoder(cfg)
+        self.text_enc, self.text_dec = TextEncoder(cfg), TextDecoder(cfg)
+        self.value = ValueHead(cfg)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def parts(self):
+        return {name: getattr(self, name) for name in PARTS}
+
+    # -- contexts
+    def image_context(self, img):
+        return self.img_enc(img)
+
+    def two_img_context(self, img1, img2):
+        """Two images as one context, each tagged so the text side can tell them apart."""
+        tags = self.img_enc.tags
+        return torch.cat([self.img_enc(img1) + tags[0], self.img_enc(img2) + tags[1]], dim=1)
+
+    def null_image(self, batch):
+        return self.text_dec.null_img.expand(batch, -1, -1)
+
+    def null_text(self, batch):
+        return self.img_dec.null_text.expand(batch, -1, -1)
+
+    # -- the calls the user knows by name
+    def forward(self, text, img):
+        """Text logits that see the image, and an image rebuilt from its tokens and the whole text."""
+        img_tokens, text_tokens = self.img_enc(img), self.text_enc(text)
+        logits = self.text_dec(text_tokens, img_tokens)
+        recon = self.img_dec(img_tokens, text_tokens, text != PAD)
+        return logits, recon
+
+    def qa_forward(self, text, img, question_mask):
+        """The text side sees question and answer (causally); the image is rebuilt from the question only."""
+        img_tokens, text_tokens = self.img_enc(img), self.text_enc(text)
+        logits = self.text_dec(text_tokens, img_tokens)
+        recon = self.img_dec(img_tokens, text_tokens, question_mask & (text != PAD))
+        return logits, recon
+
+    def img_autoencoder(self, img):
+        """Rebuild the image with the learned "no text" context."""
+        return self.img_dec(self.img_enc(img), self.null_text(img.shape[0]))
+
+    def sentence_autoencoder(self, text):
+        """Next-token logits with the learned "no image" context."""
+        return self.text_dec(self.text_enc(text), self.null_image(text.shape[0]))
+
+    def text_logits(self, text, ctx):
+        return self.text_dec(self.text_enc(text), ctx)
+
+    def evaluate_text(self, text, ctx):
+        """The value head: one scalar per position of the text, seeing the context (an image's tokens)."""
+        return self.value(self.text_enc(text), ctx)
+
+    @staticmethod
+    def _dist(logits, temperature, allowed):
+        logits = logits.float() / temperature
+        if allowed is not None:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            keep[torch.as_tensor(allowed, device=logits.device)] = True
+            logits = logits.masked_fill(~keep, float("-inf"))
+        logp = F.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        return logp, entropy
+
+    def compute_probabilities(self, text, ctx, temperature=1.0, allowed=None):
+        """Log-prob and entropy of each given token text[:, t+1], read from the logits at position t,
+        which see only text[:, :t+1] (the original read them at a position that could see the token).
+        Returns (logprobs, entropies), each (B, T-1)."""
+        logp, entropy = self._dist(self.text_logits(text, ctx)[:, :-1], temperature, allowed)
+        return logp.gather(-1, text[:, 1:, None]).squeeze(-1), entropy
+
+    @torch.no_grad()
+    def extend(self, text, lengths, ctx, temperature=1.0, allowed=None, generator=None, active=None):
+        """Sample one token after each row's first `lengths` tokens; returns (text, lengths, logprob, entropy).
+        Rows where `active` is False are left as they are (logprob and entropy 0)."""
+        B = text.shape[0]
+        active = torch.ones(B, dtype=torch.bool, device=text.device) if active is None else active
+        active = active & (lengths < text.shape[1])
+        rows = torch.arange(B, device=text.device)
+        logp, entropy = self._dist(self.text_logits(text, ctx)[rows, lengths - 1], temperature, allowed)
+        if temperature == 0:
+            raise ValueError("temperature must be > 0; use greedy=True-style argmax on logits instead")
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        text = text.clone()
+        text[rows[active], lengths[active]] = token[active]
+        chosen = logp.gather(1, token[:, None]).squeeze(1)
+        zero = torch.zeros_like(chosen)
+        return (text, lengths + active.long(), torch.where(active, chosen, zero),
+                torch.where(active, entropy, zero), active)
+
+    @torch.no_grad()
+    def generate(self, text, lengths, ctx, max_new, temperature=1.0, allowed=None, generator=None):
+        """Sample up to max_new tokens after each prompt, stopping a row at </s>; returns a Sample."""
+        active = torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+        logps, ents, sampled = [], [], []
+        for _ in range(max_new):
+            if not active.any():
+                break
+            text, new_lengths, lp, ent, did = self.extend(text, lengths, ctx, temperature, allowed, generator, active)
+            ended = did & (text.gather(1, (new_lengths - 1).clamp(min=0)[:, None]).squeeze(1) == EOS)
+            lengths, active = new_lengths, active & did & ~ended
+            logps.append(lp), ents.append(ent), sampled.append(did)
+        stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(text.shape[0], 0, dtype=dtype)
+        return Sample(text, lengths, stack(logps, torch.float), stack(ents, torch.float), stack(sampled, torch.bool))
+
+    @torch.no_grad()
+    def greedy(self, text, lengths, ctx, max_new, allowed=None):
+        """Most likely continuation, stopping a row at </s>; returns (text, lengths)."""
+        text, active = text.clone(), torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+        rows = torch.arange(text.shape[0], device=text.device)
+        for _ in range(max_new):
+            active = active & (lengths < text.shape[1])
+            if not active.any():
+                break
+            logp, _ = self._dist(self.text_logits(text, ctx)[rows, lengths - 1], 1.0, allowed)
+            token = logp.argmax(-1)
+            text[rows[active], lengths[active]] = token[active]
+            lengths = lengths + active.long()
+            active = active & (token != EOS)
+        return text, lengths
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+FORMAT = "brain-checkpoint-1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def checkpoint_name(stage, batch, when=None):
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    return f"{stage}_{when:%Y%m%dT%H%M%S}{when.microsecond // 1000:03d}Z_batch{batch:08d}.pt"
+
+
+def parse_checkpoint_name(path):
+    """(stage, batch) from a checkpoint file name, or None for other files."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or "_batch" not in name:
+        return None
+    head, _, batch = name[:-3].rpartition("_batch")
+    stage = head.rsplit("_", 1)[0]
+    return (stage, int(batch)) if batch.isdigit() and "_" in head else None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, flushed and fsynced, then renamed over `path`:
+    a kill at any instant leaves either the old file or the new one, whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only: no arbitrary code); CheckpointError says what is wrong."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file, or the folder with --resume")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+            raise CheckpointError(f"{path} holds arbitrary pickled objects and was refused "
+                                  f"(only plain tensors and data are loaded)") from None
+        raise CheckpointError(f"{path} is truncated, corrupt or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    return ckpt
+
+
+def list_checkpoints(run_dir):
+    """[(batch, stage, path)] of the checkpoint files in run_dir, oldest batch first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "*.pt")):
+        parsed = parse_checkpoint_name(path)
+        if parsed:
+            found.append((parsed[1], parsed[0], path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir, stage=None, log=print):
+    """The newest checkpoint in run_dir that loads; corrupt ones are reported and skipped."""
+    for batch, st, path in reversed(list_checkpoints(run_dir)):
+        if stage is not None and st != stage:
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log(f"warning: skipping {e}")
+    return None, None
+
+
+def resolve_checkpoint(spec):
+    """A file; a run folder (its newest valid checkpoint); or FOLDER/best, FOLDER/latest."""
+    folder, name = os.path.split(spec)
+    if os.path.isdir(spec):
+        folder, name = spec, "latest"
+    if name == "best" and os.path.isdir(folder or "."):
+        best = sorted(glob.glob(os.path.join(folder or ".", "*_best.pt")))
+        if not best:
+            raise CheckpointError(f"{folder} holds no best checkpoint")
+        return best[-1]
+    if name == "latest" and os.path.isdir(folder or "."):
+        path, _ = latest_checkpoint(folder or ".")
+        if path is None:
+            raise CheckpointError(f"{folder} holds no valid checkpoint")
+        return path
+    return spec
+
+
+class Keeper:
+    """Retention: keep the last K saves, every M-th batch, and the best by the stage's held-out metric
+    (hard-linked as <stage>_best.pt). Only files this run wrote, listed in checkpoints.json, are ever deleted."""
+
+    def __init__(self, run_dir, stage, keep_last=3, keep_every=0, mode="min"):
+        self.run_dir, self.stage, self.keep_last, self.keep_every, self.mode = run_dir, stage, keep_last, keep_every, mode
+        self.manifest_path = os.path.join(run_dir, "checkpoints.json")
+        self.manifest = {"written": [], "best": None, "best_metric": None}
+        if os.path.exists(self.manifest_path):
+            with open(self.manifest_path) as f:
+                self.manifest = json.load(f)
+
+    def better(self, metric):
+        best = self.manifest["best_metric"]
+        return metric is not None and math.isfinite(metric) and (
+            best is None or (metric < best if self.mode == "min" else metric > best))
+
+    def save(self, payload, batch, metric=None):
+        path = os.path.join(self.run_dir, checkpoint_name(self.stage, batch))
+        atomic_save(payload, path)
+        name = os.path.basename(path)
+        self.manifest["written"].append(name)
+        if self.better(metric):
+            self.manifest["best"], self.manifest["best_metric"] = name, metric
+            best = os.path.join(self.run_dir, f"{self.stage}_best.pt")
+            tmp = best + ".tmp"
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            os.link(path, tmp)          # a hard link: deleting the batch file later never loses the best
+            os.replace(tmp, best)
+        self._prune()
+        self._write_manifest()
+        return path
+
+    def _prune(self):
+        written = self.manifest["written"]
+        keep = set(written[-self.keep_last:]) if self.keep_last > 0 else set(written)
+        keep.add(self.manifest["best"])
+        for name in written:
+            batch = parse_checkpoint_name(name)[1]
+            if self.keep_every and batch % self.keep_every == 0:
+                keep.add(name)
+        for name in [n for n in written if n not in keep]:
+            path = os.path.join(self.run_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+            written.remove(name)
+
+    def _write_manifest(self):
+        tmp = self.manifest_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.manifest, f, indent=1)
+        os.replace(tmp, self.manifest_path)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]   # weights_only-safe
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_mismatch(a, b, fields):
+    return [f"{f}: {a.get(f)} vs {b.get(f)}" for f in fields if a.get(f) != b.get(f)]
+
+
+# Which config fields shape each part's weights, to name a mismatch clearly.
+PART_FIELDS = {
+    "img_enc": ("img_size", "patch", "width", "img_heads", "img_enc_layers", "mlp_ratio"),
+    "img_dec": ("img_size", "patch", "width", "img_heads", "img_dec_layers", "mlp_ratio", "null_tokens"),
+    "text_enc": ("width", "text_heads", "text_enc_layers", "mlp_ratio", "vocab", "seq_len"),
+    "text_dec": ("width", "text_heads", "text_dec_layers", "mlp_ratio", "vocab", "null_tokens"),
+    "value": ("width", "value_heads", "value_layers", "mlp_ratio"),
+}
+
+
+def init_from(brain, paths, log=print):
+    """Take each part from the (last) checkpoint that trained it: image parts from image pretraining,
+    text parts and the tokenizer from text pretraining. Returns (tokenizer json or None, origins)."""
+    cfg = dataclasses.asdict(brain.cfg)
+    origins, tokenizer = {}, None
+    for path in paths:
+        path = resolve_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        trained = ckpt.get("trained_parts", [])
+        for part in trained:
+            bad = config_mismatch(cfg, ckpt["config"], PART_FIELDS[part])
+            if bad:
+                raise CheckpointError(f"{path}: its {part} does not fit this brain ({'; '.join(bad)}); "
+                                      f"use the same --preset and sizes as the run that wrote it")
+            prefix = part + "."
+            sub = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+            getattr(brain, part).load_state_dict(sub)
+            origins[part] = f"{ckpt['stage']} ({os.path.basename(path)})"
+        if ckpt.get("tokenizer") and (tokenizer is None or {"text_enc", "text_dec"} & set(trained)):
+            tokenizer = ckpt["tokenizer"]
+        log(f"init-from {path}: took {', '.join(trained) or 'nothing'}")
+    if tokenizer is not None and Tokenizer.from_json(tokenizer).vocab != brain.cfg.vocab:
+        raise CheckpointError(f"the tokenizer in --init-from has vocabulary {Tokenizer.from_json(tokenizer).vocab}, "
+                              f"this brain {brain.cfg.vocab}")
+    return tokenizer, origins
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation helpers every stage shares
+
+
+def heldout_rng(i, salt=0):
+    """Generators for held-out data: their seed sequences start with 1, training's (Run.rng) with 0,
+    so held-out scenes are never drawn in training."""
+    return np.random.default_rng([1, salt, i])
+
+
+# The colours an image may hold, for reading a reconstruction back into objects.
+PALETTE = {"background": (255, 255, 255), "wall": (0, 0, 0), "agent": (0, 255, 0), "eye": (255, 0, 0),
+           "gold": (255, 200, 0), "line": (0, 0, 213)}
+
+
+def colour_classes(img):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W) index of the nearest PALETTE colour."""
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float, device=img.device) / 255
+    dist = ((img.float().clamp(0, 1)[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)
+    return dist.argmin(1)
+
+
+def object_recovery(recon, target, objects=("agent", "eye", "gold", "wall"), threshold=0.5):
+    """For each object: the share of frames holding it where at least `threshold` of its pixels are
+    reconstructed in its colour (nearest palette colour), so a brain that blurs the gold away shows it."""
+    names = list(PALETTE)
+    want, got = colour_classes(target), colour_classes(recon)
+    out = {}
+    for obj in objects:
+        mask = want == names.index(obj)
+        pixels = mask.flatten(1).sum(1)
+        hit = (mask & (got == names.index(obj))).flatten(1).sum(1)
+        present = pixels > 0
+        ok = (hit[present].float() / pixels[present]) >= threshold
+        out[obj] = ok.float().mean().item() if present.any() else float("nan")
+    return out
+
+
+def save_image_grid(rows, path, scale=2):
+    """Write rows of (B, 3, H, W) image batches as one PNG: row r, column b is rows[r][b]."""
+    from PIL import Image
+    grid = torch.cat([torch.cat(list(r.detach().float().clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(pixels)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# run: arguments, devices, logging, the training step and its guards
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one clear line, never a traceback."""
+
+
+def main_guard(main):
+    """Run a stage's main(), turning known errors into one line on stderr and exit status 2."""
+    try:
+        main()
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def stage_parser(description, **defaults):
+    """The arguments every stage shares (each with help); a stage adds its own and sets its defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = p.add_argument_group("run")
+    r.add_argument("--gpu", type=int, default=None, help="CUDA device index (shorthand for --device cuda:N)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N; default: cuda if present, else cpu")
+    r.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="brain size preset")
+    r.add_argument("--run-dir", default=None, help="folder for checkpoints and logs (default runs/<stage>)")
+    r.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --run-dir")
+    r.add_argument("--init-from", nargs="+", default=None, metavar="CKPT",
+                   help="start from earlier stages: each part from the checkpoint that trained it")
+    r.add_argument("--seed", type=int, default=0, help="seed of every random thing in the run")
+    r.add_argument("--steps", type=int, default=1000, help="batches to train in all")
+    r.add_argument("--batch-size", type=int, default=32, help="samples per batch (per process under torchrun)")
+    r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every trained part")
+    for part in PARTS:
+        r.add_argument(f"--lr-{part.replace('_', '-')}", type=float, default=None,
+                       help=f"learning rate of {part} (default --lr)")
+    r.add_argument("--freeze", nargs="*", default=[], choices=PARTS, help="parts this stage must not train")
+    r.add_argument("--warmup", type=int, default=100, help="batches of linear learning-rate warm-up")
+    r.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
+    r.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    r.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    r.add_argument("--log-every", type=int, default=20, help="batches between log lines")
+    r.add_argument("--eval-every", type=int, default=200, help="batches between held-out evaluations (and saves)")
+    r.add_argument("--save-every", type=int, default=100, help="batches between checkpoints")
+    r.add_argument("--keep-last", type=int, default=3, help="checkpoints kept besides the best and every M-th")
+    r.add_argument("--keep-every", type=int, default=0, help="also keep every checkpoint whose batch is a multiple of this")
+    r.add_argument("--max-bad-steps", type=int, default=5,
+                   help="consecutive non-finite losses before rolling back to the last good checkpoint")
+    r.add_argument("--amp", default="none", choices=["none", "bf16"], help="mixed precision")
+    r.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    s = p.add_argument_group("brain sizes (default: the preset's)")
+    for f in dataclasses.fields(BrainConfig):
+        s.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {f.name}")
+    p.set_defaults(**defaults)
+    return p
+
+
+def pick_device(args, local_rank=None):
+    if args.gpu is not None or (args.device or "").startswith("cuda") or local_rank is not None and torch.cuda.is_available():
+        index = args.gpu if args.gpu is not None else local_rank
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.device and ":" in args.device and index is None:
+            index = int(args.device.split(":")[1])
+        index = index or 0
+        if index >= n:
+            raise UsageError(f"--gpu {index}: there is no such GPU (this machine has {n} CUDA device{'s' * (n != 1)})")
+        return torch.device("cuda", index)
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_factor(batch, warmup, steps, min_frac):
+    """Linear warm-up, then cosine decay to min_frac; a function of the batch number alone, so resume is exact."""
+    if batch < warmup:
+        return (batch + 1) / warmup
+    progress = min(1.0, (batch - warmup) / max(1, steps - warmup))
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Run:
+    """The plumbing of one stage: devices and DDP, run folder, log, brain and optimizer, resume, guarded steps,
+    checkpoints. A stage script keeps its data, loss and evaluation in sight and calls these."""
+
+    def __init__(self, stage, args, trains, mode="min"):
+        self.stage, self.args, self.mode = stage, args, mode
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+        self.device = pick_device(args, local)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.run_dir = args.run_dir or os.path.join("runs", stage)
+        self._check_run_dir()
+        self.keeper = Keeper(self.run_dir, stage, args.keep_last, args.keep_every, mode)
+        self.log_file = open(os.path.join(self.run_dir, "train.log"), "a") if self.rank == 0 else None
+        self.metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
+        self.batch, self.cursor, self.skipped, self.bad_in_row = 0, {}, 0, 0
+        self.stop_signal, self.last_saved = None, None
+        self.timers, self._tick = {}, (time.time(), 0)
+        self.trains = [p for p in trains if p not in args.freeze]
+
+        self.ckpt = None
+        if args.resume:
+            path, self.ckpt = latest_checkpoint(self.run_dir, stage, log=self.log)
+            self.log(f"resuming from {path} at batch {self.ckpt['batch']}" if self.ckpt else
+                     f"--resume: no checkpoint in {self.run_dir} yet, starting fresh")
+        if self.ckpt:
+            self.cfg = BrainConfig(**self.ckpt["config"])
+        else:
+            overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BrainConfig)}
+            self.cfg = make_config(args.preset, **overrides)
+        self.tokenizer = None
+        tok_json = self.ckpt["tokenizer"] if self.ckpt else self._peek_tokenizer(args.init_from)
+        if tok_json:
+            self.tokenizer = Tokenizer.from_json(tok_json)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    # -- set-up
+    def _check_run_dir(self):
+        os.makedirs(self.run_dir, exist_ok=True)
+        stages = {st for _, st, _ in list_checkpoints(self.run_dir)}
+        if stages - {self.stage}:
+            raise UsageError(f"{self.run_dir} holds checkpoints of another stage ({', '.join(sorted(stages))}); "
+                             f"give this stage its own --run-dir")
+        if stages and not self.args.resume:
+            raise UsageError(f"{self.run_dir} already holds {self.stage} checkpoints; pass --resume to continue, "
+                             f"or choose another --run-dir (nothing was overwritten)")
+
+    @staticmethod
+    def _peek_tokenizer(paths):
+        for path in reversed(paths or []):
+            ckpt = load_checkpoint(resolve_checkpoint(path))
+            if ckpt.get("tokenizer"):
+                return ckpt["tokenizer"]
+        return None
+
+    def build(self, tokenizer=None):
+        """The brain on the device, with its optimizer; resumed or initialised from earlier stages."""
+        args = self.args
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+            if tokenizer.vocab != self.cfg.vocab:
+                if self.ckpt:
+                    raise CheckpointError(f"tokenizer vocabulary {tokenizer.vocab} does not match the checkpoint's {self.cfg.vocab}")
+                self.cfg = dataclasses.replace(self.cfg, vocab=tokenizer.vocab)
+        torch.manual_seed(args.seed)       # the same initial weights on every rank
+        brain = Brain(self.cfg)
+        self.origins = {}
+        if self.ckpt:
+            brain.load_state_dict(self.ckpt["model"])
+            self.origins = self.ckpt.get("origins", {})
+        elif args.init_from:
+            _, self.origins = init_from(brain, args.init_from, log=self.log)
+        for name, part in brain.parts().items():
+            part.requires_grad_(name in self.trains)
+        brain.to(self.device)
+        if args.compile:
+            for m in brain.modules():
+                if isinstance(m, Block):
+                    m.compile()
+        groups = []
+        for name in self.trains:
+            lr = getattr(args, f"lr_{name}") or args.lr
+            params = list(getattr(brain, name).parameters())
+            decay = [p for p in params if p.dim() >= 2]
+            other = [p for p in params if p.dim() < 2]
+            groups += [dict(params=decay, weight_decay=args.weight_decay, base_lr=lr, part=name),
+                       dict(params=other, weight_decay=0.0, base_lr=lr, part=name)]
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+        if self.ckpt:
+            self.opt.load_state_dict(self.ckpt["optimizer"])
+            set_rng_state(self.ckpt["rng"])
+            self.batch, self.cursor, self.skipped = self.ckpt["batch"], self.ckpt["cursor"], self.ckpt.get("skipped", 0)
+            self.last_saved = self.batch
+        self.brain = brain
+        self._log_config()
+        return brain
+
+    def _log_config(self):
+        sizes = {name: count_parameters(part) for name, part in self.brain.parts().items()}
+        config = {"stage": self.stage, "args": vars(self.args), "brain": dataclasses.asdict(self.cfg),
+                  "parameters": sizes, "trains": self.trains, "origins": self.origins, "device": str(self.device),
+                  "world_size": self.world, "torch": torch.__version__}
+        self.log("config " + json.dumps(config, default=str))
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signal:                       # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        self.log(f"{self.stop_signal} received: saving a checkpoint after this batch, then stopping")
+
+    # -- data helpers
+    def rng(self, batch=None):
+        """The numpy generator of one training batch: a function of (seed, rank, batch), so resume replays nothing."""
+        return np.random.default_rng([0, self.args.seed, self.rank, self.batch if batch is None else batch])
+
+    def torch_generator(self, batch=None):
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(self.rng(batch).integers(2 ** 62)))
+        return g
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp == "bf16")
+
+    @contextlib.contextmanager
+    def timing(self, key):
+        """Accumulate the seconds spent in a block (e.g. making data), reported as a share in the log."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.time()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timers[key] = self.timers.get(key, 0.0) + time.time() - t
+
+    # -- the loop
+    def batches(self):
+        """Batch numbers from where the run stands to --steps; stops cleanly after SIGTERM / Ctrl-C."""
+        while self.batch < self.args.steps and not self.stop_signal:
+            yield self.batch
+        if self.last_saved != self.batch:
+            self.save()
+        self.log(f"stopped by {self.stop_signal} at batch {self.batch}" if self.stop_signal
+                 else f"finished {self.batch} batches; checkpoints in {self.run_dir}")
+
+    def step(self, loss):
+        """Backward and update, unless the loss or the gradients are not finite: then the step is skipped and
+        counted, and after --max-bad-steps in a row the run rolls back to its last good checkpoint."""
+        self.opt.zero_grad(set_to_none=True)
+        ok = bool(torch.isfinite(loss.detach()))
+        if ok:
+            loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if self.world > 1:
+            ok = self._all_reduce(params, ok)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or float("inf")) if ok else None
+        if ok and torch.isfinite(norm):
+            for g in self.opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(self.batch, self.args.warmup, self.args.steps, self.args.min_lr_frac)
+            self.opt.step()
+            self.bad_in_row = 0
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.bad_in_row += 1
+            self.log(f"batch {self.batch}: non-finite loss or gradient, step skipped ({self.skipped} so far)")
+            if self.bad_in_row >= self.args.max_bad_steps:
+                self.rollback()
+        self.batch += 1
+        return ok
+
+    def _all_reduce(self, params, ok):
+        """Average gradients over ranks (one flat buffer); a step is taken only if every rank's loss was finite."""
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0:
+            return False
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        return True
+
+    def rollback(self):
+        path, ckpt = latest_checkpoint(self.run_dir, self.stage, log=self.log)
+        if ckpt is None:
+            raise UsageError(f"{self.bad_in_row} non-finite steps in a row and no checkpoint to roll back to; "
+                             f"lower --lr or check the data")
+        self.brain.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.bad_in_row = 0
+        self.log(f"rolled back weights and optimizer to {path} (batch {ckpt['batch']}); "
+                 f"continuing at batch {self.batch} with new data")
+
+    def due(self, every):
+        return every > 0 and self.batch % every == 0
+
+    # -- logging and saving
+    def log(self, message):
+        if self.rank != 0:
+            return
+        line = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {self.stage} {message}"
+        print(line, flush=True)
+        if getattr(self, "log_file", None):
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+    def record(self, kind, values):
+        """One JSON line in metrics.jsonl, for plots."""
+        if self.rank == 0:
+            self.metrics_file.write(json.dumps({"kind": kind, "batch": self.batch, "time": time.time(), **values}) + "\n")
+            self.metrics_file.flush()
+
+    def log_step(self, values, samples):
+        """Every --log-every batches: batch, losses, samples/s, ETA, and the share of time in each timer."""
+        self._samples = getattr(self, "_samples", 0) + samples * self.world
+        if not self.due(self.args.log_every):
+            return
+        t0, _ = self._tick
+        elapsed = max(time.time() - t0, 1e-9)
+        rate = self._samples / elapsed
+        batches_per_s = self.args.log_every / elapsed
+        eta = datetime.timedelta(seconds=int((self.args.steps - self.batch) / max(batches_per_s, 1e-9)))
+        shares = {f"{k}_share": v / elapsed for k, v in self.timers.items()}
+        values = {k: float(v) for k, v in values.items()}
+        text = " | ".join(f"{k} {v:.4g}" for k, v in {**values, **shares}.items())
+        self.log(f"batch {self.batch}/{self.args.steps} | {text} | {rate:.1f} samples/s | eta {eta}")
+        self.record("train", {**values, **shares, "samples_per_s": rate, "skipped": self.skipped})
+        self._tick, self._samples, self.timers = (time.time(), 0), 0, {}
+
+    def save(self, metrics=None, metric=None):
+        """A checkpoint of everything needed to continue; `metric` (held-out, lower is better unless mode='max')
+        decides the best. Only rank 0 writes."""
+        self.last_saved = self.batch
+        if metrics:
+            self.record("eval", metrics)
+            self.log("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
+        if self.rank == 0:
+            payload = {
+                "format": FORMAT, "stage": self.stage, "batch": self.batch, "time": time.time(),
+                "preset": self.args.preset, "config": dataclasses.asdict(self.cfg),
+                "model": {k: v.detach().cpu() for k, v in self.brain.state_dict().items()},
+                "optimizer": self.opt.state_dict(), "rng": rng_state(), "cursor": self.cursor,
+                "args": {k: v for k, v in vars(self.args).items()},
+                "tokenizer": self.tokenizer.to_json() if self.tokenizer else None,
+                "metrics": metrics or {}, "trained_parts": self.trains, "origins": self.origins,
+                "skipped": self.skipped,
+            }
+            path = self.keeper.save(payload, self.batch, metric)
+            self.log(f"saved {path}")
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        for f in (self.log_file, self.metrics_file):
+            if f:
+                f.close()
