@@ -490,7 +490,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+        if "Unsupported global" in text:
             raise CheckpointError(f"{path} holds arbitrary pickled objects and was refused "
                                   f"(only plain tensors and data are loaded)") from None
         raise CheckpointError(f"{path} is truncated, corrupt or not a checkpoint ({type(e).__name__})") from None
