@@ -123,8 +123,8 @@ class Tokenizer:
     def encode(self, texts, seq_len, eos=True):
         """List of strings -> LongTensor (B, seq_len): <s> text </s> then <pad>, truncated to fit."""
         out = torch.full((len(texts), seq_len), PAD, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [BOS] + self.ids(t)[: seq_len - 1 - eos] + ([EOS] if eos else [])
+        for i, enc in enumerate(self.tok.encode_batch(list(texts), add_special_tokens=False)):
+            ids = [BOS] + enc.ids[: seq_len - 1 - eos] + ([EOS] if eos else [])
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -881,6 +881,7 @@ class Run:
             self.last_saved = self.batch
         self.brain = brain
         self._log_config()
+        self._tick = (time.time(), 0)      # samples/s counts from here, not from the set-up
         return brain
 
     def _log_config(self):

@@ -319,3 +319,98 @@ def split_heldout(sentences, frac=0.02, seed=0):
 
     heldout = set(sorted(sentences, key=key)[:k])
     return [s for s in sentences if s not in heldout], [s for s in sentences if s in heldout]
+
+
+# ---- training ----
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import core  # noqa: E402
+
+
+def batch_rows(batch, batch_size, n, seed, rank=0, world=1):
+    """Rows of one batch: epochs walk through a seeded permutation of the n sentences, so the data cursor
+    is the batch number alone and a resumed run continues exactly where it stopped."""
+    start = (batch * world + rank) * batch_size
+    flat = np.arange(start, start + batch_size)
+    epochs, offsets = flat // n, flat % n
+    order = {e: np.random.default_rng([2, seed, e]).permutation(n) for e in np.unique(epochs)}
+    return torch.from_numpy(np.array([order[e][o] for e, o in zip(epochs, offsets)]))
+
+
+def next_token_loss(logits, text):
+    """Cross-entropy of each next token; padding is ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), text[:, 1:].flatten(), ignore_index=core.PAD)
+
+
+@torch.no_grad()
+def evaluate(brain, tokenizer, heldout, n_samples, generator, chunk=256):
+    """Held-out loss and perplexity, and a few sentences the brain writes from <s>."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(heldout), chunk):
+        text = heldout[i: i + chunk]
+        n = (text[:, 1:] != core.PAD).sum().item()
+        total += next_token_loss(brain.sentence_autoencoder(text), text).item() * n
+        tokens += n
+    loss = total / tokens
+    start = torch.full((n_samples, brain.cfg.seq_len), core.PAD, device=heldout.device)
+    start[:, 0] = core.BOS
+    lengths = torch.ones(n_samples, dtype=torch.long, device=heldout.device)
+    sample = brain.generate(start, lengths, brain.null_image(n_samples), brain.cfg.seq_len - 1,
+                            temperature=0.8, generator=generator)
+    return {"heldout_loss": loss, "perplexity": float(np.exp(loss))}, [tokenizer.decode(t) for t in sample.tokens]
+
+
+def main(argv=None):
+    parser = core.stage_parser(__doc__, steps=3000, batch_size=80, lr=1e-3, eval_every=250, save_every=250)
+    parser.add_argument("--corpus", nargs="+", default=None,
+                        help="Tatoeba exports or plain text files, one sentence per line (default: WordNet "
+                             "examples + BSD fortunes + game sentences)")
+    parser.add_argument("--lang", default="eng", help="language kept from Tatoeba exports")
+    parser.add_argument("--heldout-frac", type=float, default=0.02, help="share of sentences held out for evaluation")
+    parser.add_argument("--samples", type=int, default=4, help="sentences sampled into the log at each evaluation")
+    args = parser.parse_args(argv)
+
+    run = core.Run("pretrain_text", args, trains=["text_enc", "text_dec"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorpusWarning)
+        sentences, counts = load_sentences(args.corpus, seed=args.seed, lang=args.lang)
+    for w in caught:
+        run.log(f"warning: {w.message}")
+    train, heldout = split_heldout(sentences, args.heldout_frac, args.seed)
+    run.log(f"corpus: {len(train)} training and {len(heldout)} held-out sentences ({counts})")
+    if run.cursor and run.cursor.get("sentences") != len(train):
+        run.log(f"warning: the corpus changed since the checkpoint ({run.cursor['sentences']} -> {len(train)} "
+                f"training sentences); the data order will differ from an uninterrupted run")
+    tokenizer = run.tokenizer
+    if tokenizer is None:
+        tokenizer = core.Tokenizer.train(train, run.cfg.vocab)
+        run.log(f"trained a byte-level BPE tokenizer of {tokenizer.vocab} tokens on the training sentences")
+    brain = run.build(tokenizer)
+    run.cursor = {"sentences": len(train)}
+    seq_len = run.cfg.seq_len
+    train_ids = tokenizer.encode(train, seq_len).to(run.device)
+    heldout_ids = tokenizer.encode(heldout, seq_len).to(run.device)
+    run.log(f"{(train_ids[:, -1] != core.PAD).float().mean().item():.1%} of training sentences truncated to {seq_len} tokens")
+
+    for batch in run.batches():
+        text = train_ids[batch_rows(batch, args.batch_size, len(train), args.seed, run.rank, run.world).to(run.device)]
+        with run.autocast():
+            logits = brain.sentence_autoencoder(text)
+        loss = next_token_loss(logits, text)
+        run.step(loss)
+        run.log_step({"loss": loss.item()}, samples=args.batch_size)
+        if run.due(args.eval_every) or run.batch == args.steps:
+            metrics, samples = evaluate(brain, tokenizer, heldout_ids, args.samples, run.torch_generator())
+            for s in samples:
+                run.log(f"sample: {s}")
+            run.save(metrics, metric=metrics["heldout_loss"])
+        elif run.due(args.save_every):
+            run.save()
+    run.close()
+
+
+if __name__ == "__main__":
+    core.main_guard(main)

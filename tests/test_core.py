@@ -12,10 +12,9 @@ import torch
 
 import core
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=64)
-SMALL_ARGS = ["--img-size", "32", "--patch", "8", "--width", "32", "--img-heads", "2", "--text-heads", "2",
-              "--value-heads", "2", "--vocab", "64"]
+from conftest import ROOT, SMALL_ARGS, kill_when, run_script, script_env
+
+SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=300)
 SENTENCES = ["The gold is to the left of the agent.", "Turn right to face the gold.", "A cat sat on the mat.",
              "Is the gold ahead of you?", "Please draw the straight line to the gold from the agent."] * 20
 
@@ -25,10 +24,8 @@ def small_brain(seed=0, **kw):
     return core.Brain(core.make_config("tiny", **{**SMALL, **kw}))
 
 
-def run_toy(tmp_path, *args, check=True, **kw):
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir", str(tmp_path / "run"),
-           "--device", "cpu", *SMALL_ARGS, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=check, timeout=120, **kw)
+def run_toy(tmp_path, *args, check=True):
+    return run_script("tests/toy_stage.py", "--run-dir", tmp_path / "run", *SMALL_ARGS, *args, check=check)
 
 
 # ---- presets and the brain
@@ -252,14 +249,9 @@ def test_freeze_and_learning_rates_per_part(tmp_path):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     run_toy(tmp_path / "a", "--steps", "8", "--dump", str(tmp_path / "a.w"))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir",
-                             str(tmp_path / "b" / "run"), "--device", "cpu", *SMALL_ARGS, "--steps", "8",
-                             "--sleep", "0.4"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:                      # kill right after batch 5's log line, between saves
-        if "batch 5/8" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    code, _ = kill_when("tests/toy_stage.py", "batch 5/8", "--run-dir", tmp_path / "b" / "run", *SMALL_ARGS,
+                        "--steps", "8", "--sleep", "0.4")       # killed between two saves
+    assert code == -signal.SIGKILL
     out = run_toy(tmp_path / "b", "--steps", "8", "--resume", "--dump", str(tmp_path / "b.w")).stdout
     assert "resuming from" in out and "batch 4" in out
     a, b = torch.load(tmp_path / "a.w.0"), torch.load(tmp_path / "b.w.0")
@@ -267,17 +259,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir",
-                             str(tmp_path / "run"), "--device", "cpu", *SMALL_ARGS, "--steps", "1000",
-                             "--sleep", "0.2", "--save-every", "0", "--eval-every", "0"],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "batch 3/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait() == 0
-    assert "stopped by SIGTERM" in rest
+    code, out = kill_when("tests/toy_stage.py", "batch 3/", "--run-dir", tmp_path / "run", *SMALL_ARGS,
+                          "--steps", "1000", "--sleep", "0.2", "--save-every", "0", "--eval-every", "0",
+                          sig=signal.SIGTERM)
+    assert code == 0 and "stopped by SIGTERM" in out
     assert 3 <= core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "run")))["batch"] < 1000
 
 
@@ -311,10 +296,9 @@ def test_clear_errors_not_tracebacks(tmp_path):
 
 def test_ddp_two_processes_keep_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+           os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir", str(tmp_path / "run"),
            *SMALL_ARGS, "--steps", "4", "--dump", str(tmp_path / "w")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=180,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=180, env=script_env())
     w0, w1 = torch.load(tmp_path / "w.0"), torch.load(tmp_path / "w.1")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     torch.manual_seed(0)

@@ -2,15 +2,12 @@
 
 It reads like every real stage (arguments, brain, data, loss, step, log/eval/checkpoint) and adds hooks
 the tests need: forced non-finite losses, a pause per batch (to be killed), and a dump of the weights."""
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
-import core  # noqa: E402
+import core
 
 
 def main(argv=None):
