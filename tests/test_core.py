@@ -45,9 +45,9 @@ def test_shapes_of_the_calls_the_user_knows():
     brain = small_brain()
     img, text = torch.rand(2, 3, 32, 32), torch.randint(12, 64, (2, 32))
     logits, recon = brain(text, img)
-    assert logits.shape == (2, 32, 64) and recon.shape == (2, 3, 32, 32)
+    assert logits.shape == (2, 32, 300) and recon.shape == (2, 3, 32, 32)
     assert brain.img_autoencoder(img).shape == (2, 3, 32, 32)
-    assert brain.sentence_autoencoder(text).shape == (2, 32, 64)
+    assert brain.sentence_autoencoder(text).shape == (2, 32, 300)
     assert brain.evaluate_text(text, brain.image_context(img)).shape == (2, 32)
     two = brain.two_img_context(img, img)
     assert two.shape == (2, 32, 32)     # 16 tokens per image, twice
