@@ -263,10 +263,13 @@ class TextDecoder(nn.Module):
         self.ln = nn.LayerNorm(cfg.width)
         self.head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.vocab))
 
-    def forward(self, text_tokens, ctx):
+    def forward(self, text_tokens, ctx, positions=None):
+        """Logits (B, T, vocab); with positions (B,), only those at each row's position: (B, vocab)."""
         x = text_tokens
         for blk in self.blocks:
             x = blk(x, ctx)
+        if positions is not None:
+            x = x[torch.arange(len(x), device=x.device), positions]
         return self.head(self.ln(x))
 
 
@@ -355,8 +358,9 @@ class Brain(nn.Module):
         """Next-token logits with the learned "no image" context."""
         return self.text_dec(self.text_enc(text), self.null_image(text.shape[0]))
 
-    def text_logits(self, text, ctx):
-        return self.text_dec(self.text_enc(text), ctx)
+    def text_logits(self, text, ctx, positions=None):
+        """Next-token logits seeing a context; with positions (B,), only the logits at those positions."""
+        return self.text_dec(self.text_enc(text), ctx, positions)
 
     def evaluate_text(self, text, ctx):
         """The value head: one scalar per position of the text, seeing the context (an image's tokens)."""
@@ -381,54 +385,47 @@ class Brain(nn.Module):
         return logp.gather(-1, text[:, 1:, None]).squeeze(-1), entropy
 
     @torch.no_grad()
-    def extend(self, text, lengths, ctx, temperature=1.0, allowed=None, generator=None, active=None):
-        """Sample one token after each row's first `lengths` tokens; returns (text, lengths, logprob, entropy).
-        Rows where `active` is False are left as they are (logprob and entropy 0)."""
+    def extend(self, text, lengths, ctx, temperature=1.0, allowed=None, generator=None, active=None, greedy=False):
+        """Add one token after each row's first `lengths` tokens: sampled with the temperature (or the most
+        likely one when greedy). Only active rows are computed, over the longest active prefix.
+        Returns (text, lengths, logprob, entropy, active); inactive rows are unchanged, logprob/entropy 0."""
         B = text.shape[0]
         active = torch.ones(B, dtype=torch.bool, device=text.device) if active is None else active
         active = active & (lengths < text.shape[1])
-        rows = torch.arange(B, device=text.device)
-        logp, entropy = self._dist(self.text_logits(text, ctx)[rows, lengths - 1], temperature, allowed)
-        if temperature == 0:
-            raise ValueError("temperature must be > 0; use greedy=True-style argmax on logits instead")
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        logprob = torch.zeros(B, device=text.device)
+        entropy = torch.zeros(B, device=text.device)
         text = text.clone()
-        text[rows[active], lengths[active]] = token[active]
-        chosen = logp.gather(1, token[:, None]).squeeze(1)
-        zero = torch.zeros_like(chosen)
-        return (text, lengths + active.long(), torch.where(active, chosen, zero),
-                torch.where(active, entropy, zero), active)
+        idx = active.nonzero().squeeze(1)
+        if len(idx):
+            at = lengths[idx]
+            logits = self.text_logits(text[idx, : int(at.max())], ctx[idx], at - 1)
+            logp, ent = self._dist(logits, temperature, allowed)
+            token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            text[idx, at] = token
+            logprob[idx] = logp.gather(1, token[:, None]).squeeze(1)
+            entropy[idx] = ent
+        return text, lengths + active.long(), logprob, entropy, active
 
     @torch.no_grad()
-    def generate(self, text, lengths, ctx, max_new, temperature=1.0, allowed=None, generator=None):
-        """Sample up to max_new tokens after each prompt, stopping a row at </s>; returns a Sample."""
+    def generate(self, text, lengths, ctx, max_new, temperature=1.0, allowed=None, generator=None, greedy=False):
+        """Sample (or, greedy, pick) up to max_new tokens after each prompt, stopping a row at </s>."""
         active = torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
         logps, ents, sampled = [], [], []
         for _ in range(max_new):
             if not active.any():
                 break
-            text, new_lengths, lp, ent, did = self.extend(text, lengths, ctx, temperature, allowed, generator, active)
-            ended = did & (text.gather(1, (new_lengths - 1).clamp(min=0)[:, None]).squeeze(1) == EOS)
-            lengths, active = new_lengths, active & did & ~ended
+            text, new_lengths, lp, ent, did = self.extend(text, lengths, ctx, temperature, allowed, generator,
+                                                          active, greedy)
+            ended = did & (text.gather(1, (new_lengths - 1)[:, None]).squeeze(1) == EOS)
+            lengths, active = new_lengths, did & ~ended
             logps.append(lp), ents.append(ent), sampled.append(did)
         stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(text.shape[0], 0, dtype=dtype)
         return Sample(text, lengths, stack(logps, torch.float), stack(ents, torch.float), stack(sampled, torch.bool))
 
-    @torch.no_grad()
     def greedy(self, text, lengths, ctx, max_new, allowed=None):
-        """Most likely continuation, stopping a row at </s>; returns (text, lengths)."""
-        text, active = text.clone(), torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
-        rows = torch.arange(text.shape[0], device=text.device)
-        for _ in range(max_new):
-            active = active & (lengths < text.shape[1])
-            if not active.any():
-                break
-            logp, _ = self._dist(self.text_logits(text, ctx)[rows, lengths - 1], 1.0, allowed)
-            token = logp.argmax(-1)
-            text[rows[active], lengths[active]] = token[active]
-            lengths = lengths + active.long()
-            active = active & (token != EOS)
-        return text, lengths
+        """The most likely continuation, stopping a row at </s>; returns (text, lengths)."""
+        sample = self.generate(text, lengths, ctx, max_new, allowed=allowed, greedy=True)
+        return sample.tokens, sample.lengths
 
 
 def count_parameters(module):
@@ -664,8 +661,7 @@ def heldout_rng(i, salt=0):
 
 
 # The colours an image may hold, for reading a reconstruction back into objects.
-PALETTE = {"background": (255, 255, 255), "wall": (0, 0, 0), "agent": (0, 255, 0), "eye": (255, 0, 0),
-           "gold": (255, 200, 0), "line": (0, 0, 213)}
+PALETTE = dict(zip(("background", "wall", "line", "gold", "agent", "eye"), game.PALETTE))
 
 
 def colour_classes(img):
@@ -702,6 +698,114 @@ def save_image_grid(rows, path, scale=2):
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# agent: the brain as a policy in the game (shared by rl_fake_traces, rl_grpo and eval)
+
+# The policy's vocabulary: the four moves and </s>, which ends an episode. No-op is left out: it wastes an action.
+POLICY_ACTIONS = (game.FORWARD, game.BACKWARD, game.LEFT, game.RIGHT)
+POLICY_TOKENS = [ACTION_TOKENS[a] for a in POLICY_ACTIONS] + [EOS]
+
+
+@dataclasses.dataclass
+class Rollout:
+    """B episodes. Step t of episode b saw states[t][b] and the trace text[b, :t+1], and chose text[b, t+1]."""
+    states: list            # per step, the B Settings before the action
+    text: torch.Tensor      # (B, seq_len) <s> then one token per step (an action, or </s>)
+    taken: torch.Tensor     # (B, T) bool: episode b took a step at t
+    logprobs: torch.Tensor  # (B, T) log-prob of the token under the sampling policy (0 for oracle / random)
+    success: torch.Tensor   # (B,) bool: the gold was reached
+    steps: torch.Tensor     # (B,) steps taken
+
+    def flat(self):
+        """The (episode, step) pairs taken: (Settings list, episode index, step index) for re-scoring."""
+        b, t = self.taken.nonzero(as_tuple=True)
+        return [self.states[i][j] for j, i in zip(b.tolist(), t.tolist())], b, t
+
+
+def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_len=32, brain=None,
+            temperature=1.0, generator=None, backward=False):
+    """Play B games to the gold or to max_actions. policy: "sample" or "greedy" (the brain), "oracle", "random".
+    Frames are rendered on `device` and not kept: the rollout stores Settings, and training re-renders."""
+    B = len(settings)
+    env = game.GameBatch(settings, device)
+    text = torch.full((B, seq_len), PAD, dtype=torch.long, device=device)
+    text[:, 0] = BOS
+    lengths = torch.ones(B, dtype=torch.long, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    success = torch.zeros(B, dtype=torch.bool, device=device)
+    taken, logprobs, states = [], [], []
+    rows = torch.arange(B, device=device)
+    policy_tokens = torch.tensor(POLICY_TOKENS, device=device)
+    token_action = torch.full((len(SPECIALS),), game.NOOP, dtype=torch.long, device=device)
+    token_action[ACTION_TOKENS] = torch.arange(len(ACTION_TOKENS), device=device)
+    for t in range(min(max_actions, seq_len - 1)):
+        if not active.any():
+            break
+        states.append(env.to_settings())
+        logp = torch.zeros(B, device=device)
+        if policy in ("sample", "greedy"):
+            with torch.no_grad():
+                idx = active.nonzero().squeeze(1)
+                img_tokens = brain.image_context(env.render(size)[idx])
+                ctx = img_tokens.new_zeros(B, *img_tokens.shape[1:])
+                ctx[idx] = img_tokens                      # finished games are neither encoded nor extended
+                text, _, logp, _, _ = brain.extend(text, lengths, ctx, temperature, POLICY_TOKENS, generator,
+                                                   active, greedy=policy == "greedy")
+        elif policy == "oracle":
+            text[rows, lengths] = torch.tensor(ACTION_TOKENS, device=device)[env.oracle_actions(backward)]
+        elif policy == "random":
+            pick = torch.randint(len(POLICY_ACTIONS), (B,), generator=generator, device=device)
+            text[rows, lengths] = policy_tokens[pick]
+        else:
+            raise ValueError(f"unknown policy {policy!r}")
+        token = text[rows, lengths]
+        text[~active, lengths[~active]] = PAD
+        moves = torch.where(active & (token != EOS), token_action[token.clamp(max=len(SPECIALS) - 1)], game.NOOP)
+        reward = env.step(moves)
+        taken.append(active.clone())
+        logprobs.append(torch.where(active, logp, torch.zeros_like(logp)))
+        lengths = lengths + active.long()
+        success |= active & (reward > 0)
+        active = active & (token != EOS) & (reward == 0)
+    taken = torch.stack(taken, 1) if taken else torch.zeros(B, 0, dtype=torch.bool, device=device)
+    logprobs = torch.stack(logprobs, 1) if logprobs else torch.zeros(B, 0, device=device)
+    return Rollout(states, text, taken, logprobs, success, taken.sum(1))
+
+
+def score_actions(brain, states, text, steps, size, temperature=1.0):
+    """Log-prob and entropy of the token each step chose, read causally: step t's token text[b, t+1] from the
+    logits at position t, with the frame of step t as context. states: the Settings of each (b, t) pair;
+    text: (N, seq_len) each pair's episode text; steps: (N,) t."""
+    frames = game.render(states, size, text.device)
+    # causal: tokens after the longest step are not needed
+    logits = brain.text_logits(text[:, : int(steps.max()) + 1], brain.image_context(frames), steps)
+    rows = torch.arange(len(steps), device=text.device)
+    logp, entropy = brain._dist(logits, temperature, POLICY_TOKENS)
+    return logp.gather(1, text[rows, steps + 1][:, None]).squeeze(1), entropy
+
+
+def agent_scenes(offset, n, salt=0):
+    """Held-out bare scenes at one max_agent_offset, the same for every stage and eval.py."""
+    return [game.random_bare_settings(heldout_rng(i, salt=1000 + salt), max_agent_offset=offset) for i in range(n)]
+
+
+@torch.no_grad()
+def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, baselines=True, seed=0):
+    """Success within MAX_ACTIONS and mean actions to the gold on held-out scenes, greedy and sampled,
+    beside the oracle and a uniformly random policy measured on the same scenes in the same run."""
+    out = {}
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    policies = (["greedy", "sample"] if brain is not None else []) + (["oracle", "random"] if baselines else [])
+    for offset in offsets:
+        scenes = agent_scenes(offset, n, salt=int(offset * 100))
+        for policy in policies:
+            r = rollout(scenes, policy, size, device, brain=brain, generator=gen)
+            out[f"{policy}_success@{offset}"] = r.success.float().mean().item()
+            out[f"{policy}_actions@{offset}"] = r.steps[r.success].float().mean().item() if r.success.any() else float("nan")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1053,3 +1157,365 @@ class Run:
         for f in (self.log_file, self.metrics_file):
             if f:
                 f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# skills: the line trick and the QA tutorial
+# What trick_line.py and tutorial_qa.py teach, and how eval.py measures it: the prompts and question
+# families with their phrasings (training and held back), labels from game.scene_facts, the answer
+# parser, and the metrics (line IoU and geometry, QA accuracy beside chance, forgetting).
+
+# "Draw the line" prompts. The held-back ones are never trained on, and none of them is among the text
+# pretraining's game sentences, so they test whether the brain understood the request, not a string.
+LINE_PROMPTS = {
+    "train": ["Please draw the straight line to the gold from the agent.",
+              "Draw a line from the agent to the gold.",
+              "Draw the blue line to the gold.",
+              "Connect the agent to the gold with a line.",
+              "Show me the way to the gold with a line.",
+              "Please draw a line from you to the gold.",
+              "Draw a straight line between the agent and the gold.",
+              "Mark the path from the agent to the gold in blue."],
+    "heldout": ["Could you draw a line joining the agent and the gold?",
+                "Link the green agent and the yellow gold with a blue line.",
+                "Trace a straight blue path from you to the gold."],
+}
+
+
+def check_init_parts(origins, tokenizer, parts, stage):
+    """A skill stage starts from pretrained parts: name what --init-from did not provide."""
+    missing = [p for p in parts if p not in origins] + ([] if tokenizer else ["a tokenizer"])
+    if missing:
+        raise UsageError(f"{stage} needs pretrained {', '.join(parts)} and a tokenizer; --init-from gave none for "
+                         f"{', '.join(missing)} (pass the image and the text pretraining checkpoints)")
+
+
+def line_mask(img):
+    """(B, 3, H, W) -> (B, H, W) bool: pixels whose nearest palette colour is the line's blue."""
+    return colour_classes(img) == list(PALETTE).index("line")
+
+
+def line_geometry(mask):
+    """Principal axis of each image's blue pixels: (angle in [-pi/2, pi/2], length in pixels, pixel count).
+    The angle is an axis (a segment has no direction); the length is the pixels' extent along it."""
+    H, W = mask.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float, device=mask.device),
+                            torch.arange(W, dtype=torch.float, device=mask.device), indexing="ij")
+    m = mask.float()
+    n = m.sum((1, 2))
+    safe = n.clamp(min=1)
+    mx, my = (m * xs).sum((1, 2)) / safe, (m * ys).sum((1, 2)) / safe
+    dx, dy = xs - mx[:, None, None], ys - my[:, None, None]
+    cxx, cyy, cxy = (m * dx * dx).sum((1, 2)) / safe, (m * dy * dy).sum((1, 2)) / safe, (m * dx * dy).sum((1, 2)) / safe
+    angle = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    along = dx * torch.cos(angle)[:, None, None] + dy * torch.sin(angle)[:, None, None]
+    hi = along.masked_fill(~mask, -float("inf")).amax((1, 2))
+    lo = along.masked_fill(~mask, float("inf")).amin((1, 2))
+    length = torch.where(n > 0, hi - lo + 1, torch.zeros_like(n))
+    return angle, length, n
+
+
+def line_scores(pred, target, min_pixels=3, min_length=5):
+    """Per-image line scores of predicted against target frames: IoU of blue pixels (1 when both have none),
+    whether a line was drawn (>= min_pixels blue), and, where one was drawn and the true line is at least
+    min_length px long, the angle error (degrees) and the length error (board units) of its principal axis."""
+    p, t = line_mask(pred), line_mask(target)
+    inter, union = (p & t).flatten(1).sum(1).float(), (p | t).flatten(1).sum(1).float()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    pa, pl, pn = line_geometry(p)
+    ta, tl, _ = line_geometry(t)
+    found = pn >= min_pixels
+    d = (pa - ta).abs() % math.pi
+    angle_err = torch.rad2deg(torch.minimum(d, math.pi - d))
+    length_err = (pl - tl).abs() / pred.shape[-1]
+    measurable = found & (tl >= min_length)
+    return dict(iou=iou, found=found, angle_err=angle_err, length_err=length_err, measurable=measurable)
+
+
+def mean_line_iou(targets):
+    """IoU of the best fixed picture: the pixels that are blue in at least a share s of the targets, with the
+    best s. The 'mean line' baseline: what a brain that ignores the scene could draw at best."""
+    t = line_mask(targets)
+    freq = t.float().mean(0)
+    best = 0.0
+    for s in freq[freq > 0].unique()[-64:]:
+        p = (freq >= s)[None]
+        inter, union = (p & t).flatten(1).sum(1).float(), (p | t).flatten(1).sum(1).float()
+        best = max(best, (inter / union.clamp(min=1)).mean().item())
+    return best
+
+
+@torch.no_grad()
+def line_metrics(brain, tokenizer, settings_list, prompts, chunk=64):
+    """The line trick on scenes (prompts used in turn): line IoU, share of frames with a line drawn, angle and
+    length errors, task MSE, and in the same figures the baselines of drawing nothing (IoU 0 wherever there
+    is a line) and of the mean line. Returns (metrics, {"scene", "target", "prediction"} frames)."""
+    device, cfg = next(brain.parameters()).device, brain.cfg
+    frames = game.render(settings_list, cfg.img_size, device)
+    targets = game.line_target(settings_list, cfg.img_size, device)
+    text = tokenizer.encode([prompts[i % len(prompts)] for i in range(len(settings_list))], cfg.seq_len).to(device)
+    preds = torch.cat([brain(text[i: i + chunk], frames[i: i + chunk])[1].float()
+                       for i in range(0, len(frames), chunk)])
+    s = line_scores(preds, targets)
+    m = s["measurable"]
+    nothing = line_scores(frames, targets)["iou"]
+    metrics = {"line_iou": s["iou"].mean().item(), "line_found": s["found"].float().mean().item(),
+               "angle_err_deg": s["angle_err"][m].mean().item() if m.any() else float("nan"),
+               "length_err": s["length_err"][m].mean().item() if m.any() else float("nan"),
+               "task_mse": F.mse_loss(preds, targets).item(),
+               "iou_nothing": nothing.mean().item(), "iou_mean_line": mean_line_iou(targets)}
+    return metrics, {"scene": frames, "target": targets, "prediction": preds}
+
+
+def text_loss(logits, text):
+    """Next-token cross-entropy; padding is ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), text[:, 1:].flatten(), ignore_index=PAD)
+
+
+@torch.no_grad()
+def replay_sentences(brain, n, generator, chunk=256):
+    """n sentences the brain's text model writes from <s> (no image, temperature 1): the language it knows.
+    Training on them keeps that language (their loss is the text model's own; it falls only by drifting
+    back towards the old model), and held-out ones measure how far a stage moved it."""
+    device, L = next(brain.parameters()).device, brain.cfg.seq_len
+    out = []
+    for i in range(0, n, chunk):
+        b = min(chunk, n - i)
+        start = torch.full((b, L), PAD, dtype=torch.long, device=device)
+        start[:, 0] = BOS
+        ones = torch.ones(b, dtype=torch.long, device=device)
+        out.append(brain.generate(start, ones, brain.null_image(b), L - 1, generator=generator).tokens)
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def forgetting_probe(brain, frames, sentences, chunk=64):
+    """What a skill stage must not destroy: plain reconstruction MSE (no text) of held-out frames, and the
+    text model's loss (no image) on held-out sentences."""
+    device = next(brain.parameters()).device
+    sentences = sentences.to(device)
+    mse = sum(F.mse_loss(brain.img_autoencoder(frames[i: i + chunk]).float(), frames[i: i + chunk],
+                         reduction="sum").item() for i in range(0, len(frames), chunk)) / frames.numel()
+    tokens = (sentences[:, 1:] != PAD).sum().item()
+    loss = sum(text_loss(brain.sentence_autoencoder(sentences[i: i + chunk]), sentences[i: i + chunk]).item()
+               * (sentences[i: i + chunk, 1:] != PAD).sum().item() for i in range(0, len(sentences), chunk)) / tokens
+    return {"plain_mse": mse, "text_loss": loss}
+
+
+def forgetting_baseline(run, brain, frames, n_replay, n_heldout):
+    """Replay sentences from the --init-from brain and the forgetting probe before the stage: made once, on a
+    fresh run, and kept in the checkpoint's cursor so a resumed run trains on and compares with the same.
+    Returns (training sentences, held-out sentences, probe before), sentences on the run's device."""
+    if "replay" not in run.cursor:
+        g = torch.Generator(device=run.device)
+        g.manual_seed(run.args.seed)                  # the same sentences on every rank
+        bank = replay_sentences(brain, n_replay + n_heldout, g)
+        run.cursor.update(replay=bank[:n_replay], replay_heldout=bank[n_replay:],
+                          before=forgetting_probe(brain, frames, bank[n_replay:]))
+        run.log("before this stage: " + " | ".join(f"{k} {v:.4g}" for k, v in run.cursor["before"].items()))
+    c = run.cursor
+    return c["replay"].to(run.device), c["replay_heldout"].to(run.device), c["before"]
+
+
+def forgetting_ratios(after, before):
+    """The probe after the stage, its value before, and after / before (1 = nothing forgotten)."""
+    out = dict(after)
+    for k, v in after.items():
+        out[f"{k}_before"], out[f"{k}_ratio"] = before[k], v / before[k]
+    return out
+
+
+# Question families. Each asks one fact of game.scene_facts in the frame the brain sees (x right, y down),
+# with phrasings of the question and of each answer for training, and others held back. No phrasing
+# belongs to two families, and the held-back questions are not among the text pretraining's game
+# sentences. `keywords` is how the answer parser reads a label out of generated text.
+_LEFT_RIGHT = {"left": ("left",), "right": ("right",)}
+_ABOVE_BELOW = {"above": ("above", "up", "over", "higher"), "below": ("below", "down", "under", "lower", "beneath")}
+
+QA_FAMILIES = {
+    "gold_left_right": dict(
+        label=lambda f: "left" if f["dx"] < 0 else "right",
+        keywords=_LEFT_RIGHT,
+        questions=dict(train=["Is the gold to the left or to the right of you?",
+                              "Is the gold left or right of the agent?",
+                              "Is the gold on your left or on your right?",
+                              "On which side of the agent is the gold, left or right?",
+                              "Where is the gold, left or right of the agent?",
+                              "Left or right: where is the gold compared to you?"],
+                       heldout=["Looking at the screen, is the gold to the left or the right of the green agent?",
+                                "Does the gold lie left or right of you?"]),
+        answers={"left": dict(train=["Left.", "It's on the left.", "The gold is on the left."],
+                              heldout=["The gold lies to the left."]),
+                 "right": dict(train=["Right.", "It's on the right.", "The gold is on the right."],
+                               heldout=["The gold lies to the right."])}),
+    "gold_above_below": dict(
+        label=lambda f: "above" if f["dy"] < 0 else "below",
+        keywords=_ABOVE_BELOW,
+        questions=dict(train=["Is the gold above or below you?",
+                              "Is the gold above or below the agent?",
+                              "Is the gold higher or lower than the agent on the screen?",
+                              "Is the gold up or down from you?",
+                              "Where is the gold, above the agent or below it?",
+                              "Above or below: where is the gold compared to you?"],
+                       heldout=["Looking at the screen, is the gold above or below the green agent?",
+                                "Does the gold lie higher up or lower down than you?"]),
+        answers={"above": dict(train=["Above.", "It's above.", "The gold is above."], heldout=["The gold lies up."]),
+                 "below": dict(train=["Below.", "It's below.", "The gold is below."],
+                               heldout=["The gold lies down."])}),
+    "agent_left_right": dict(
+        label=lambda f: "right" if f["dx"] < 0 else "left",
+        keywords=_LEFT_RIGHT,
+        questions=dict(train=["Are you to the left or to the right of the gold?",
+                              "Is the agent left or right of the gold?",
+                              "Are you on the left or on the right of the gold?",
+                              "On which side of the gold is the agent, left or right?",
+                              "Where are you, left or right of the gold?",
+                              "Left or right: where are you compared to the gold?"],
+                       heldout=["Looking at the screen, is the green agent to the left or the right of the gold?",
+                                "Do you stand left or right of the gold?"]),
+        answers={"left": dict(train=["I am on the left.", "I'm to the left of it.", "The agent is on the left."],
+                              heldout=["You stand to the left."]),
+                 "right": dict(train=["I am on the right.", "I'm to the right of it.", "The agent is on the right."],
+                               heldout=["You stand to the right."])}),
+    "agent_above_below": dict(
+        label=lambda f: "below" if f["dy"] < 0 else "above",
+        keywords=_ABOVE_BELOW,
+        questions=dict(train=["Are you above or below the gold?",
+                              "Is the agent above or below the gold?",
+                              "Is the agent higher or lower than the gold on the screen?",
+                              "Are you up or down from the gold?",
+                              "Where are you, above the gold or below it?",
+                              "Above or below: where are you compared to the gold?"],
+                       heldout=["Looking at the screen, is the green agent above or below the gold?",
+                                "Do you stand higher up or lower down than the gold?"]),
+        answers={"above": dict(train=["I am above.", "I'm above it.", "The agent is above."],
+                               heldout=["You stand higher up."]),
+                 "below": dict(train=["I am below.", "I'm below it.", "The agent is below."],
+                               heldout=["You stand lower down."])}),
+    "turn": dict(
+        label=lambda f: "left" if f["turn"] == game.LEFT else "right",
+        keywords=_LEFT_RIGHT,
+        questions=dict(train=["Which way should you turn to face the gold, left or right?",
+                              "Should you turn left or right to face the gold?",
+                              "To look at the gold, do you turn left or right?",
+                              "Which turn faces the gold sooner, left or right?",
+                              "Turn left or right: which brings the gold in front of you?",
+                              "Left or right, which way do you turn towards the gold?"],
+                       heldout=["Which direction of turning points you at the gold quicker, left or right?",
+                                "If you want to see the gold in front of you, do you rotate left or right?"]),
+        answers={"left": dict(train=["Turn left.", "Go left.", "I should turn left."], heldout=["Rotate left."]),
+                 "right": dict(train=["Turn right.", "Go right.", "I should turn right."],
+                               heldout=["Rotate right."])}),
+    "ahead": dict(
+        label=lambda f: "yes" if f["gold_ahead"] else "no",
+        keywords={"yes": ("yes", "yep", "yeah"), "no": ("no", "nope", "not")},
+        questions=dict(train=["Is the gold straight ahead of you?",
+                              "Is the gold in front of the agent?",
+                              "Are you facing the gold?",
+                              "If you walk forward, will you reach the gold?",
+                              "Is the gold right in front of you?",
+                              "Does the agent face the gold?"],
+                       heldout=["Is the agent looking straight at the gold right now?",
+                                "Would stepping forward bring you onto the gold?"]),
+        answers={"yes": dict(train=["Yes.", "Yes, it is ahead.", "Yes, I am facing it."],
+                             heldout=["Yep, dead ahead."]),
+                 "no": dict(train=["No.", "No, it is not ahead.", "No, I am not facing it."],
+                            heldout=["Nope, I would miss it."])}),
+    "near": dict(
+        label=lambda f: "near" if f["near"] else "far",
+        keywords={"near": ("near", "close", "nearby"), "far": ("far", "distant")},
+        questions=dict(train=["Is the gold near or far?",
+                              "Is the gold close to you or far away?",
+                              "Is the agent near the gold or far from it?",
+                              "How far is the gold: near or far?",
+                              "Is the gold nearby or distant?",
+                              "Near or far: where is the gold?"],
+                       heldout=["Would you say the gold is close by or a long way off?",
+                                "Is the distance from you to the gold short or long, near or far?"]),
+        answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),
+                 "far": dict(train=["Far.", "It's far.", "The gold is far away."], heldout=["Rather distant."])}),
+}
+
+
+def qa_label(family, settings):
+    """The true answer (a label of the family) about a scene's first gold piece."""
+    return QA_FAMILIES[family]["label"](game.scene_facts(settings))
+
+
+def parse_answer(family, text):
+    """Generated text -> the label its words name, or None when they name no label or more than one."""
+    words = set("".join(c if c.isalpha() else " " for c in text.lower()).split())
+    named = [label for label, keys in QA_FAMILIES[family]["keywords"].items() if words & set(keys)]
+    return named[0] if len(named) == 1 else None
+
+
+def qa_scenes(n, rng, families=None, max_tries=10000):
+    """{family: n bare scenes}, the labels taking turns so each family is balanced (chance = 1/labels): rare
+    facts ("the gold is ahead": about 7% of random scenes) would otherwise make 'always no' look clever.
+    Scenes are drawn until one has the wanted label, so each label keeps the game's own distribution."""
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    out = {}
+    for family in families or QA_FAMILIES:
+        labels = list(QA_FAMILIES[family]["answers"])
+        first = int(rng.integers(len(labels)))        # which label gets the extra scene when n is odd
+        scenes = []
+        for i in range(n):
+            want = labels[(first + i) % len(labels)]
+            for _ in range(max_tries):
+                s = game.random_bare_settings(rng)
+                if qa_label(family, s) == want:
+                    scenes.append(s)
+                    break
+            else:
+                raise ValueError(f"qa_scenes: no scene with {family} = {want} in {max_tries} tries")
+        out[family] = scenes
+    return out
+
+
+def qa_chance(scenes):
+    """{family: accuracy of always giving the family's commonest label on these scenes}."""
+    out = {}
+    for family, settings in scenes.items():
+        labels = [qa_label(family, s) for s in settings]
+        out[family] = max(labels.count(x) for x in set(labels)) / len(labels)
+    return out
+
+
+def qa_prompts(tokenizer, questions, seq_len):
+    """<s> question <sep> as generation prompts: (tokens (B, seq_len), lengths)."""
+    toks, qmask, _ = tokenizer.encode_qa(questions, [""] * len(questions), seq_len)
+    return toks.masked_fill(~qmask, PAD), qmask.sum(1)
+
+
+@torch.no_grad()
+def qa_answers(brain, tokenizer, scenes, phrasings="heldout", chunk=128):
+    """The brain's greedy answer to each family's questions about its scenes (phrasings used in turn):
+    {family: [{question, answer, label, parsed, correct}]}."""
+    device, cfg = next(brain.parameters()).device, brain.cfg
+    out = {}
+    for family, settings in scenes.items():
+        pool = QA_FAMILIES[family]["questions"][phrasings]
+        records = []
+        for i in range(0, len(settings), chunk):
+            part = settings[i: i + chunk]
+            questions = [pool[(i + j) % len(pool)] for j in range(len(part))]
+            text, lengths = qa_prompts(tokenizer, questions, cfg.seq_len)
+            text, lengths = text.to(device), lengths.to(device)
+            ctx = brain.image_context(game.render(part, cfg.img_size, device))
+            done, _ = brain.greedy(text, lengths, ctx, cfg.seq_len - int(lengths.min()))
+            for j, s in enumerate(part):
+                answer = tokenizer.decode(done[j, int(lengths[j]):])
+                label, parsed = qa_label(family, s), parse_answer(family, answer)
+                records.append(dict(question=questions[j], answer=answer, label=label, parsed=parsed,
+                                    correct=parsed == label))
+        out[family] = records
+    return out
+
+
+def accuracy_by_family(answers):
+    return {family: sum(r["correct"] for r in records) / len(records) for family, records in answers.items()}
+
+
+def qa_accuracy(brain, tokenizer, scenes, phrasings="heldout"):
+    """{family: share of scenes where the generated answer parses to the true label}; unrecognised = wrong."""
+    return accuracy_by_family(qa_answers(brain, tokenizer, scenes, phrasings))

@@ -1,0 +1,76 @@
+"""rl_fake_traces.py: stage 5 of the curriculum, imitation of the oracle's traces.
+
+The brain acts through its text side: at each step it sees the current frame (img_enc) and the actions
+taken so far as text (<s> <left> <left> <forward> ...), and text_dec names the next action token. Here it
+learns from the game's oracle on bare scenes: traces whose actions were really executed (each step's frame
+is re-rendered from the stored state), each action scored causally from the logits of the position before
+it, with that step's frame as context. The original scored each action at a position that could already see
+it, so its imitation loss went to ~0 while the agent learned nothing.
+
+    python rl_fake_traces.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
+    nohup python rl_fake_traces.py --preset base --gpu 0 --init-from ... &
+"""
+import torch
+
+import core
+import game
+
+
+def main(argv=None):
+    parser = core.stage_parser(__doc__, steps=1500, batch_size=16, lr=5e-4, warmup=50, eval_every=250,
+                               save_every=250)
+    parser.add_argument("--max-agent-offset", type=float, default=0.3,
+                        help="gold within this box half-width around the agent; training draws offsets up to it")
+    parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
+    parser.add_argument("--text-file", default=None,
+                        help="plain text, one sentence per line: mix the next-token loss on it in, to keep language")
+    parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text loss (with --text-file)")
+    parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
+    parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
+                        help="max_agent_offset of the held-out scenes")
+    args = parser.parse_args(argv)
+
+    run = core.Run("rl_fake_traces", args, trains=["img_enc", "text_enc", "text_dec"], mode="max")
+    brain = run.build()
+    size, seq_len = run.cfg.img_size, run.cfg.seq_len
+    if seq_len < game.MAX_ACTIONS + 1:
+        raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
+    sentences = None
+    if args.text_file:
+        if run.tokenizer is None:
+            raise core.UsageError("--text-file needs a tokenizer: --init-from a pretrain_text checkpoint")
+        with open(args.text_file, encoding="utf-8", errors="replace") as f:
+            sentences = run.tokenizer.encode([line.strip() for line in f if line.strip()], seq_len).to(run.device)
+        if not len(sentences):
+            raise core.UsageError(f"{args.text_file} holds no sentences")
+
+    for batch in run.batches():
+        rng = run.rng()
+        with run.timing("data"):
+            offsets = rng.uniform(0.05, args.max_agent_offset, args.batch_size)
+            scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in offsets]
+            trace = core.rollout(scenes, "oracle", size, run.device, seq_len=seq_len, backward=args.oracle_backward)
+            states, episode, step = trace.flat()
+        with run.autocast():
+            logp, entropy = core.score_actions(brain, states, trace.text[episode], step, size)
+            loss = -logp.float().mean()
+            if sentences is not None:
+                rows = torch.from_numpy(rng.integers(len(sentences), size=args.batch_size)).to(run.device)
+                text = sentences[rows]
+                loss = loss + args.text_weight * torch.nn.functional.cross_entropy(
+                    brain.sentence_autoencoder(text)[:, :-1].flatten(0, 1).float(), text[:, 1:].flatten(),
+                    ignore_index=core.PAD)
+        run.step(loss)
+        run.log_step({"loss": loss.item(), "oracle_action_prob": logp.exp().mean().item(),
+                      "entropy": entropy.mean().item(), "actions": len(step)}, samples=len(step))
+        if run.due(args.eval_every) or run.batch == args.steps:
+            metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
+            run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
+                     if f"greedy_success@{args.max_agent_offset}" in metrics else None)
+        elif run.due(args.save_every):
+            run.save()
+    run.close()
+
+
+if __name__ == "__main__":
+    core.main_guard(main)
