@@ -159,17 +159,17 @@ def _wrap_angle(a):
     return torch.where(a >= 2 * math.pi, a - 2 * math.pi, a)
 
 
-def _bearing(pos, heading, target, agent_radius):
+def _bearing(pos, heading, target, half_width):
     """Where `target` (B, 2) lies for an agent at pos (B, 2) facing heading (B,).
     Returns dx, dy, distance, angle (signed, heading -> target, + is clockwise on screen =
-    a RIGHT turn), ahead / behind (within the agent's width in front of / behind it)."""
+    a RIGHT turn), ahead / behind (in front of / behind it, less than half_width (B,) off its line of motion)."""
     d = target - pos
     fx, fy = torch.cos(heading), torch.sin(heading)
     along = d[:, 0] * fx + d[:, 1] * fy
     across = fx * d[:, 1] - fy * d[:, 0]
     angle = torch.atan2(across, along)
     # within the width, or as close as a turn can bring it (far gold can't get closer than TURN/2)
-    in_line = across.abs() < agent_radius
+    in_line = across.abs() < half_width
     ahead = (along > 0) & (in_line | (angle.abs() <= TURN / 2))
     behind = (along < 0) & (in_line | (math.pi - angle.abs() <= TURN / 2))
     return dict(dx=d[:, 0], dy=d[:, 1], distance=d.norm(dim=-1), angle=angle, ahead=ahead, behind=behind)
@@ -302,14 +302,19 @@ class GameBatch:
             raise ValueError(f"unknown action id(s) {sorted(set(a[bad].tolist()))}; valid: 0..4 {ACTION_NAMES}")
         return a.long()
 
-    def _move(self, sign):
-        """Move by STEP along the heading (sign +1 / -1; 0 stays), shortened to the longest
-        prefix of candidate lengths (multiples of STEP_RESOLUTION) that stays off walls and on the board."""
+    def _reach(self, sign, n_candidates=None):
+        """Candidate positions STEP_RESOLUTION apart along the heading (sign +1 / -1), (B, K, 2), and
+        how many of them, from the nearest on, stay off walls and on the board (B,): never jump a wall."""
+        lengths = self._lengths[:n_candidates]
         direction = torch.stack([torch.cos(self.heading), torch.sin(self.heading)], -1) * sign[:, None]
-        candidates = self.pos[:, None, :] + self._lengths[None, :, None] * direction[:, None, :]
+        candidates = self.pos[:, None, :] + lengths[None, :, None] * direction[:, None, :]
         on_board = ((candidates >= 0) & (candidates <= 1)).all(-1)
         free = on_board & ~_circle_hits_walls(candidates, self.agent_radius, self.walls, self.wall_mask)
-        n = free.long().cumprod(1).sum(1)              # free prefix: never jump across a wall
+        return candidates, free.long().cumprod(1).sum(1)
+
+    def _move(self, sign):
+        """Move by up to STEP along the heading, shortened to the longest free candidate (sign 0 stays)."""
+        candidates, n = self._reach(sign)
         chosen = candidates[torch.arange(len(self), device=self.device), (n - 1).clamp(min=0)]
         self.pos = torch.where(((n > 0) & (sign != 0))[:, None], chosen, self.pos)
 
@@ -340,6 +345,25 @@ class GameBatch:
         first = self.gold_mask.long().argmax(1)
         return self.gold[torch.arange(len(self), device=self.device), first], self.gold_mask.any(1)
 
+    def _aim(self):
+        """The point the oracle heads for: the first remaining gold piece, pushed out of every
+        wall's reach (agent radius plus a small margin) so that the agent's centre can get there.
+        Near a wall this makes the agent slide along the wall instead of pushing into it."""
+        aim = self._target()[0].clone()
+        reach = self.agent_radius + 2 * STEP_RESOLUTION   # more than a shortened step leaves between agent and wall
+        for k in range(self.walls.shape[1]):
+            x, y, w, h, theta = self.walls[:, k].unbind(-1)
+            c, s = torch.cos(theta), torch.sin(theta)
+            dx, dy = aim[:, 0] - x, aim[:, 1] - y
+            u, v = dx * c + dy * s, -dx * s + dy * c
+            du = u - torch.minimum(torch.clamp(u, min=0), w)
+            dv = v - torch.minimum(torch.clamp(v, min=0), h)
+            dist = torch.sqrt(du * du + dv * dv)
+            push = self.wall_mask[:, k] & (dist > 0) & (dist < reach)   # (dist 0: inside the wall, unreachable)
+            scale = torch.where(push, reach / dist.clamp(min=1e-12) - 1, 0)
+            aim = aim + scale[:, None] * torch.stack([du * c - dv * s, du * s + dv * c], -1)
+        return aim
+
     def bearing(self):
         """_bearing() of each game's first remaining gold piece (meaningless where none is left)."""
         return _bearing(self.pos, self.heading, self._target()[0], self.agent_radius)
@@ -347,15 +371,22 @@ class GameBatch:
     def oracle_actions(self, backward=False) -> torch.Tensor:
         """Turn the shorter way until the gold is ahead within the agent's width, then go forward.
         With backward=True, face it with the nearer end (front or back) and reverse when that is the back.
-        NOOP where no gold is left."""
-        b = self.bearing()
+        It heads for the reachable point nearest the gold (see _aim) and turns, rather than push, when
+        a wall blocks the move. NOOP where no gold is left."""
+        target, has_gold = self._target()
+        aim = self._aim()
+        # the path must pass the aim closer than the agent's width minus the aim's offset from the gold
+        half_width = (self.agent_radius - (aim - target).norm(dim=-1)).clamp(min=STEP_RESOLUTION)
+        b = _bearing(self.pos, self.heading, aim, half_width)
+        ones = torch.ones(len(self), dtype=torch.float64, device=self.device)
+        go = b["ahead"] & (self._reach(ones, 1)[1] > 0)          # a wall right in front: turn instead
         toward = lambda angle: torch.where(angle < 0, LEFT, RIGHT)     # angle < 0: heading must shrink
-        act = torch.where(b["ahead"], FORWARD, toward(b["angle"]))
+        act = torch.where(go, FORWARD, toward(b["angle"]))
         if backward:
             back_angle = b["angle"] - math.pi * torch.sign(b["angle"])  # bearing seen from the back
-            reverse = torch.where(b["behind"], BACKWARD, toward(back_angle))
-            act = torch.where(b["ahead"] | (b["angle"].abs() <= math.pi / 2), act, reverse)
-        return torch.where(self._target()[1], act, NOOP)
+            reverse = torch.where(b["behind"] & (self._reach(-ones, 1)[1] > 0), BACKWARD, toward(back_angle))
+            act = torch.where(go | (b["angle"].abs() <= math.pi / 2), act, reverse)
+        return torch.where(has_gold, act, NOOP)
 
     # --- drawing
 
