@@ -618,9 +618,10 @@ def zoom_centers(settings) -> list:
     return points
 
 
-def pretrain_image_batch(n, size, rng, device="cpu") -> torch.Tensor:
-    """The image-pretraining mix: a third full frames, a third jittered frames, the rest zooms
-    (log-uniform factor in ZOOM_RANGE) around gold, the agent, wall corners or (1 in 4) a random point."""
+def pretrain_scenes(n, rng):
+    """What pretrain_image_batch draws: n scenes (a third as drawn, a third jittered, the rest to
+    zoom into), zoom factors (n,) and zoom centres (n, 2). Zooms are log-uniform in ZOOM_RANGE,
+    around gold, the agent, a wall corner or (1 in 4) a random point."""
     rng = _rng(rng)
     n_full = n_jitter = n // 3
     scenes = [random_settings(rng) for _ in range(n)]
@@ -631,6 +632,12 @@ def pretrain_image_batch(n, size, rng, device="cpu") -> torch.Tensor:
         zoom[i] = math.exp(rng.uniform(math.log(ZOOM_RANGE[0]), math.log(ZOOM_RANGE[1])))
         points = zoom_centers(scenes[i])
         centers[i] = rng.random(2) if rng.random() < 0.25 else points[rng.integers(len(points))]
+    return scenes, zoom, centers
+
+
+def pretrain_image_batch(n, size, rng, device="cpu") -> torch.Tensor:
+    """The image-pretraining mix (see pretrain_scenes) drawn as (n, 3, size, size); zooms draw only their window."""
+    scenes, zoom, centers = pretrain_scenes(n, rng)
     return render(scenes, size, device, torch.from_numpy(zoom), torch.from_numpy(centers))
 
 
@@ -679,10 +686,10 @@ def oracle_traces(settings_list, max_actions=MAX_ACTIONS, backward=False, device
     for _ in range(max_actions):
         actions = torch.where(running, batch.oracle_actions(backward), NOOP)
         rewards = batch.step(actions)
-        states = batch.to_settings()
+        states, action_list, reward_list = batch.to_settings(), actions.tolist(), rewards.tolist()
         for b in running.nonzero()[:, 0].tolist():
-            traces[b].actions.append(int(actions[b]))
-            traces[b].rewards.append(int(rewards[b]))
+            traces[b].actions.append(action_list[b])
+            traces[b].rewards.append(reward_list[b])
             traces[b].states.append(states[b])
         running &= (rewards == 0) & (batch.gold_left() > 0)
         if not running.any():
