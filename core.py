@@ -432,6 +432,12 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def rss_mb():
+    """Resident memory of this process in MiB (Linux), for watching leaks across rounds."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -1035,12 +1041,13 @@ class Run:
         self.log(f"stopped by {self.stop_signal} at batch {self.batch}" if self.stop_signal
                  else f"finished {self.batch} batches; checkpoints in {self.run_dir}")
 
-    def step(self, loss):
+    def step(self, loss, accumulated=False, advance=True):
         """Backward and update, unless the loss or the gradients are not finite: then the step is skipped and
-        counted, and after --max-bad-steps in a row the run rolls back to its last good checkpoint."""
-        self.opt.zero_grad(set_to_none=True)
+        counted, and after --max-bad-steps in a row the run rolls back to its last good checkpoint.
+        accumulated: the caller already ran backward on the pieces of `loss` (gradient accumulation).
+        advance: count a batch (a stage taking several optimizer steps per batch passes False but for the last)."""
         ok = bool(torch.isfinite(loss.detach()))
-        if ok:
+        if ok and not accumulated:
             loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if self.world > 1:
@@ -1052,13 +1059,14 @@ class Run:
             self.opt.step()
             self.bad_in_row = 0
         else:
-            self.opt.zero_grad(set_to_none=True)
+            ok = False
             self.skipped += 1
             self.bad_in_row += 1
             self.log(f"batch {self.batch}: non-finite loss or gradient, step skipped ({self.skipped} so far)")
             if self.bad_in_row >= self.args.max_bad_steps:
                 self.rollback()
-        self.batch += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.batch += advance
         return ok
 
     def _all_reduce(self, params, ok):
@@ -1442,10 +1450,17 @@ def qa_label(family, settings):
     return QA_FAMILIES[family]["label"](game.scene_facts(settings))
 
 
+NEGATIONS = {"no", "not", "nope", "never", "isn", "aren", "don", "doesn"}
+
+
 def parse_answer(family, text):
-    """Generated text -> the label its words name, or None when they name no label or more than one."""
+    """Generated text -> the label its words name, or None when they name no label or more than one, or
+    when a negation the family has no label for turns the meaning around ("not near")."""
     words = set("".join(c if c.isalpha() else " " for c in text.lower()).split())
-    named = [label for label, keys in QA_FAMILIES[family]["keywords"].items() if words & set(keys)]
+    keywords = QA_FAMILIES[family]["keywords"]
+    if words & (NEGATIONS - {k for keys in keywords.values() for k in keys}):
+        return None
+    named = [label for label, keys in keywords.items() if words & set(keys)]
     return named[0] if len(named) == 1 else None
 
 

@@ -1,0 +1,166 @@
+"""rl_grpo.py: stage 6 of the curriculum, group-relative policy optimization (GRPO) in the game.
+
+Each round draws start scenes; every scene is played G times by the brain (a group). An episode's return is
+gamma^(steps-1) if it reaches the gold within the action limit, else 0: a discount rather than a step cost,
+so a success always beats a failure, shorter is better, and there is no cost scale to tune against the gold.
+Advantage = (return - group mean) / (group std + eps): a group whose members all did the same carries no
+signal (advantage 0). The update is PPO's clipped ratio over every action token, an optional KL penalty to a
+frozen reference (the --init-from weights, e.g. the imitation checkpoint) and an entropy bonus. The gold's
+distance grows with success (the original's "letting the radius grow"), and oracle guide traces can join
+each group, as the original's oracle buffer did.
+
+    python rl_grpo.py --init-from runs/imitation/rl_fake_traces_best.pt
+    nohup python rl_grpo.py --preset base --gpu 0 --init-from runs/imitation/rl_fake_traces_best.pt &
+"""
+import collections
+import time
+
+import torch
+
+import core
+import game
+
+
+def group_advantages(returns, group_size, eps=1e-4):
+    """(return - group mean) / (group std + eps), groups being consecutive runs of group_size episodes."""
+    r = returns.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
+
+
+def episode_returns(rollout, gamma):
+    return rollout.success.float() * gamma ** (rollout.steps.float() - 1).clamp(min=0)
+
+
+def main(argv=None):
+    parser = core.stage_parser(__doc__, steps=300, batch_size=16, lr=1e-4, warmup=10, log_every=1,
+                               eval_every=25, save_every=5)
+    g = parser.add_argument_group("GRPO (batch-size = start scenes, i.e. groups, per round; steps = rounds)")
+    g.add_argument("--group-size", type=int, default=8, help="rollouts of each start scene (G)")
+    g.add_argument("--epochs", type=int, default=2, help="optimizer steps on each round's rollouts")
+    g.add_argument("--clip", type=float, default=0.2, help="PPO clip range of the probability ratio")
+    g.add_argument("--kl-coef", type=float, default=0.04,
+                   help="KL penalty to the frozen --init-from brain (GRPO's beta; 0: off, and off without --init-from)")
+    g.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus")
+    g.add_argument("--gamma", type=float, default=0.97, help="return = gamma^(steps-1) on reaching the gold")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--guides", type=int, default=0, help="oracle traces added to each group (0: none)")
+    g.add_argument("--minibatch", type=int, default=1024, help="actions per forward pass (memory bound)")
+    c = parser.add_argument_group("curriculum on the gold's distance")
+    c.add_argument("--offset-start", type=float, default=0.1, help="max_agent_offset of the first rounds")
+    c.add_argument("--offset-max", type=float, default=0.3, help="largest max_agent_offset; also the target of 'best'")
+    c.add_argument("--offset-step", type=float, default=0.05, help="growth of the offset")
+    c.add_argument("--grow-at", type=float, default=0.8, help="grow when the success rate over --grow-window rounds reaches this")
+    c.add_argument("--grow-window", type=int, default=5, help="rounds averaged for the growth decision")
+    c.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
+    c.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="held-out offsets")
+    args = parser.parse_args(argv)
+
+    run = core.Run("rl_grpo", args, trains=["img_enc", "text_enc", "text_dec"], mode="max")
+    brain = run.build()
+    size, device, G = run.cfg.img_size, run.device, args.group_size
+    ref = None
+    if args.kl_coef > 0 and args.init_from:
+        ref = core.Brain(run.cfg)
+        core.init_from(ref, args.init_from, log=lambda m: None)
+        ref.requires_grad_(False).to(device)
+    offset = run.cursor.get("offset", args.offset_start)
+    recent = collections.deque(run.cursor.get("recent", []), maxlen=args.grow_window)
+    target = f"greedy_success@{args.offset_max}"
+    eval_offsets = sorted(set(args.eval_offsets) | {args.offset_max})
+
+    for batch in run.batches():
+        t0, rng = time.time(), run.rng()
+        # rollouts: G plays of each start scene, plus oracle guides, one group after another
+        scenes = [game.random_bare_settings(rng, max_agent_offset=offset) for _ in range(args.batch_size)]
+        played = core.rollout([s for s in scenes for _ in range(G)], "sample", size, device, brain=brain,
+                              temperature=args.temperature, generator=run.torch_generator())
+        rollout_s = time.time() - t0
+        parts = [played]
+        if args.guides:
+            parts.append(core.rollout([s for s in scenes for _ in range(args.guides)], "oracle", size, device))
+        returns = torch.cat([episode_returns(p, args.gamma) for p in parts])
+        members = torch.cat([torch.arange(args.batch_size, device=device).repeat_interleave(G),
+                             torch.arange(args.batch_size, device=device).repeat_interleave(args.guides)])
+        order = torch.argsort(members, stable=True)          # episodes grouped by start scene
+        advantages = torch.empty_like(returns)
+        advantages[order] = group_advantages(returns[order], G + args.guides)
+        zero_spread = (returns[order].view(-1, G + args.guides).std(1) == 0).float().mean().item()
+
+        # the buffer: every action taken, with its state (re-rendered when scored), trace and old log-prob
+        states, text, steps, old, episode = [], [], [], [], []
+        first = 0
+        for p in parts:
+            s, b, t = p.flat()
+            states += s
+            text.append(p.text[b])
+            steps.append(t)
+            episode.append(b + first)
+            if p is played:
+                old.append(p.logprobs[b, t])
+            else:
+                with torch.no_grad():
+                    old.append(core.score_actions(brain, s, p.text[b], t, size, args.temperature)[0])
+            first += len(p.success)
+        text, steps, old, episode = (torch.cat(x) for x in (text, steps, old, episode))
+        lengths = torch.cat([p.steps for p in parts]).float()
+        weight = 1.0 / (lengths[episode] * len(lengths))     # mean over each episode's actions, then episodes
+        adv = advantages[episode]
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = torch.cat([core.score_actions(ref, states[i: i + args.minibatch], text[i: i + args.minibatch],
+                                                         steps[i: i + args.minibatch], size, args.temperature)[0]
+                                      for i in range(0, len(steps), args.minibatch)])
+
+        # the update: clipped ratio, KL to the reference, entropy bonus
+        for epoch in range(args.epochs):
+            stats = collections.Counter()
+            total = 0.0
+            for i in range(0, len(steps), args.minibatch):
+                mb = slice(i, i + args.minibatch)
+                with run.autocast():
+                    logp, entropy = core.score_actions(brain, states[mb], text[mb], steps[mb], size, args.temperature)
+                logp, entropy = logp.float(), entropy.float()
+                ratio = torch.exp(logp - old[mb])
+                policy = -torch.min(ratio * adv[mb], ratio.clamp(1 - args.clip, 1 + args.clip) * adv[mb])
+                loss_tok = policy - args.entropy_coef * entropy
+                if ref_logp is not None:
+                    d = ref_logp[mb] - logp
+                    kl = torch.exp(d) - d - 1                     # the k3 estimator of KL(policy || ref), as in GRPO
+                    loss_tok = loss_tok + args.kl_coef * kl
+                    stats["kl_ref"] += (weight[mb] * kl).sum().item()
+                loss = (weight[mb] * loss_tok).sum()
+                if torch.isfinite(loss):
+                    loss.backward()
+                total += loss.item()
+                log_ratio = (logp - old[mb]).detach()
+                stats["approx_kl"] += ((log_ratio.exp() - 1) - log_ratio).sum().item()
+                stats["clip_frac"] += ((ratio - 1).abs() > args.clip).sum().item()
+                stats["entropy"] += entropy.detach().sum().item()
+            run.step(torch.tensor(total), accumulated=True, advance=epoch == args.epochs - 1)
+
+        # the curriculum: grow the gold's distance once the policy succeeds often enough
+        success = played.success.float().mean().item()
+        recent.append(success)
+        if len(recent) == args.grow_window and sum(recent) / len(recent) >= args.grow_at and offset < args.offset_max:
+            offset = min(args.offset_max, round(offset + args.offset_step, 6))
+            recent.clear()
+            run.log(f"success {success:.2f}: max_agent_offset grows to {offset}")
+        run.cursor = {"offset": offset, "recent": list(recent)}
+        n = len(steps)
+        run.log_step({"success": success, "return": returns[: len(played.success)].mean().item(),
+                      "episode_len": played.steps.float().mean().item(), "entropy": stats["entropy"] / n,
+                      "approx_kl": stats["approx_kl"] / n, "clip_frac": stats["clip_frac"] / n,
+                      "kl_ref": stats["kl_ref"], "zero_spread": zero_spread, "offset": offset,
+                      "round_s": time.time() - t0, "rollout_steps_per_s": played.steps.sum().item() / rollout_s,
+                      "rss_mb": core.rss_mb()}, samples=len(played.success))
+        if run.due(args.eval_every) or run.batch == args.steps:
+            metrics = core.evaluate_agent(brain, size, device, eval_offsets, args.eval_scenes)
+            run.save(metrics, metric=metrics.get(target))
+        elif run.due(args.save_every):
+            run.save()
+    run.close()
+
+
+if __name__ == "__main__":
+    core.main_guard(main)

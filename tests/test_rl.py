@@ -1,0 +1,106 @@
+"""The RL stages by example: the brain as a policy, oracle traces, GRPO's advantages, resume, flat memory."""
+import json
+import signal
+
+import pytest
+import torch
+
+import core
+import game
+import rl_grpo
+from conftest import SMALL_ARGS, kill_when, run_script
+
+SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=300)
+
+
+def small_brain(seed=0):
+    torch.manual_seed(seed)
+    return core.Brain(core.make_config("tiny", **SMALL))
+
+
+def test_scoring_a_rollout_gives_the_probabilities_the_policy_sampled_it_with():
+    brain = small_brain()
+    scenes = [game.random_bare_settings(i, max_agent_offset=0.2) for i in range(12)]
+    played = core.rollout(scenes, "sample", 32, "cpu", brain=brain, generator=torch.Generator().manual_seed(0))
+    states, episode, step = played.flat()
+    logp, _ = core.score_actions(brain, states, played.text[episode], step, 32)
+    assert torch.allclose(logp, played.logprobs[episode, step], atol=1e-5)
+    assert len(step) == played.steps.sum()
+    # each step's token is an action or </s>, and nothing is written after the episode ends
+    for b in range(12):
+        n = played.steps[b].item()
+        assert set(played.text[b, 1: n + 1].tolist()) <= set(core.POLICY_TOKENS)
+        assert (played.text[b, n + 1:] == core.PAD).all()
+
+
+def test_oracle_traces_store_the_states_they_really_went_through():
+    scenes = [game.random_bare_settings(i, max_agent_offset=0.3) for i in range(8)]
+    trace = core.rollout(scenes, "oracle", 32, "cpu")
+    assert trace.success.float().mean() >= 0.75
+    states, episode, step = trace.flat()
+    frames = game.render(states, 96)
+    for b in range(8):
+        mine = (episode == b).nonzero().squeeze(1)
+        assert all(states[mine[i]] != states[mine[i + 1]] for i in range(len(mine) - 1))   # every action acted
+        changed = [not torch.equal(frames[mine[i]], frames[mine[i + 1]]) for i in range(len(mine) - 1)]
+        assert sum(changed) >= len(changed) / 2 and not torch.equal(frames[mine[0]], frames[mine[-1]])
+        replay = game.Game(scenes[b])
+        for t in range(trace.steps[b].item()):
+            assert replay.settings == states[mine[t]]
+            replay.step(core.ACTION_TOKENS.index(trace.text[b, t + 1].item()))
+
+
+def test_group_advantage_is_zero_without_spread_and_normalised_with_it():
+    returns = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.5])
+    adv = rl_grpo.group_advantages(returns, 4)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    assert adv[8] > 0 > adv[9] and abs(adv[8:].mean()) < 1e-6 and abs(adv[8:].std(unbiased=False) - 1) < 1e-3
+
+
+def test_returns_prefer_shorter_paths_and_only_success():
+    r = core.Rollout([], torch.zeros(3, 32), torch.zeros(3, 5), torch.zeros(3, 5),
+                     torch.tensor([True, True, False]), torch.tensor([4, 9, 2]))
+    ret = rl_grpo.episode_returns(r, 0.97)
+    assert ret[0] > ret[1] > ret[2] == 0
+
+
+def test_agent_evaluation_measures_the_baselines_in_the_same_run():
+    m = core.evaluate_agent(None, 32, "cpu", offsets=(0.3,), n=32)
+    assert m["oracle_success@0.3"] > 0.8 > m["random_success@0.3"]
+    assert m["oracle_actions@0.3"] < 31
+
+
+def rl_args(run_dir, steps, *extra):
+    return [*SMALL_ARGS, "--run-dir", run_dir, "--steps", steps, "--batch-size", 4, "--log-every", 1,
+            "--save-every", 3, "--eval-every", 6, "--eval-scenes", 4, "--eval-offsets", 0.1, *extra]
+
+
+@pytest.mark.parametrize("stage,extra", [("rl_fake_traces.py", []),
+                                         ("rl_grpo.py", ["--group-size", 3, "--guides", 1])])
+def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, tmp_path):
+    out = run_script(stage, *rl_args(tmp_path / "a", 8, *extra)).stdout
+    assert "oracle_success@0.1" in out and "random_success@0.1" in out
+    code, _ = kill_when(stage, "batch 4/8", *rl_args(tmp_path / "b", 8, *extra))
+    assert code == -signal.SIGKILL
+    out = run_script(stage, *rl_args(tmp_path / "b", 8, *extra, "--resume")).stdout
+    assert "resuming from" in out
+    a = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "a")))
+    b = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "b")))
+    assert a["batch"] == b["batch"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
+    run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 3))
+    run_script("rl_grpo.py", *rl_args(tmp_path / "grpo", 3, "--group-size", 2, "--init-from", tmp_path / "imitation"))
+    rounds = [json.loads(l) for l in open(tmp_path / "grpo" / "metrics.jsonl") if '"train"' in l]
+    for key in ("success", "return", "episode_len", "entropy", "approx_kl", "clip_frac", "kl_ref", "zero_spread",
+                "offset", "round_s", "rss_mb"):
+        assert key in rounds[0], key
+
+
+def test_memory_stays_flat_across_rounds(tmp_path):
+    run_script("rl_grpo.py", *rl_args(tmp_path, 60, "--group-size", 2, "--save-every", 0, "--eval-every", 0))
+    rss = [json.loads(l)["rss_mb"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+    assert len(rss) == 60
+    assert rss[-1] - rss[14] < 25, rss          # after warm-up, 45 more rounds add less than 25 MiB
