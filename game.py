@@ -234,8 +234,8 @@ def _fill_rows(start, stop, units, thresholds, size):
     change = torch.diff(after, dim=-1, prepend=torch.zeros_like(after[..., :1])).contiguous()
     # uint8 arithmetic wraps modulo 256, and the prefix sums of the changes are colours in 0..255
     frame = torch.zeros(B, 3, S, size + 1, dtype=torch.uint8, device=start.device)   # column `size`: events past the row
-    frame.scatter_add_(3, pos[:, None].expand(B, 3, S, -1), change)
-    return frame[..., :size].cumsum(-1, dtype=torch.uint8)
+    frame.scatter_add_(3, pos[:, None].expand(B, 3, S, -1).contiguous(), change)
+    return frame.cumsum_(-1)[..., :size]
 
 
 _PALETTE = torch.tensor(PALETTE, dtype=torch.uint8)
@@ -647,8 +647,7 @@ def scene_facts(settings, gold_index=0) -> dict:
     """What the QA tutorial asks about one gold piece, in screen terms (x right, y down).
     gold_left / gold_above: the gold is left of / above the agent (dx < 0 / dy < 0).
     gold_ahead / gold_behind: within the agent's width in front of / behind it (the oracle's test).
-    turn: LEFT or RIGHT, whichever faces the gold sooner (RIGHT when it is exactly behind).
-    agent_left / agent_above: the agent is in the left / top half of the board."""
+    turn: LEFT or RIGHT, whichever faces the gold sooner (RIGHT when it is exactly behind)."""
     if not 0 <= gold_index < len(settings.gold):
         raise ValueError(f"scene has {len(settings.gold)} gold piece(s); no index {gold_index}")
     t = lambda v: torch.tensor([v], dtype=torch.float64)
@@ -657,8 +656,7 @@ def scene_facts(settings, gold_index=0) -> dict:
     b = {k: v.item() for k, v in b.items()}
     return dict(dx=b["dx"], dy=b["dy"], gold_left=b["dx"] < 0, gold_above=b["dy"] < 0,
                 gold_ahead=b["ahead"], gold_behind=b["behind"], turn=LEFT if b["angle"] < 0 else RIGHT,
-                angle=b["angle"], distance=b["distance"], near=b["distance"] < NEAR_DISTANCE,
-                agent_left=settings.agent_x < 0.5, agent_above=settings.agent_y < 0.5)
+                angle=b["angle"], distance=b["distance"], near=b["distance"] < NEAR_DISTANCE)
 
 
 def oracle_action(settings, backward=False) -> int:
