@@ -112,12 +112,17 @@ def test_step_is_shortened_at_a_wall_to_the_longest_free_step(theta):
     assert (g.settings.agent_x, g.settings.agent_y) == (s.agent_x, s.agent_y)
 
 
+def random_walk(n_scenes, n_steps, seed):
+    """A batch of random full scenes, yielded after each of n_steps random actions."""
+    rng = np.random.default_rng(seed)
+    batch = GameBatch([game.random_settings(s) for s in range(n_scenes)])
+    for t in range(n_steps):
+        batch.step(torch.from_numpy(rng.integers(0, 5, n_scenes)))
+        yield t, batch
+
+
 def test_agent_never_enters_a_wall_or_leaves_the_board():
-    rng = np.random.default_rng(0)
-    scenes = [game.random_settings(seed) for seed in range(24)]
-    batch = GameBatch(scenes)
-    for _ in range(150):
-        batch.step(torch.from_numpy(rng.integers(0, 5, len(scenes))))
+    for _, batch in random_walk(24, 150, seed=0):
         for s in batch.to_settings():
             assert 0 <= s.agent_x <= 1 and 0 <= s.agent_y <= 1
             assert not any(disc_overlaps_wall(s.agent_x, s.agent_y, s.agent_radius, w) for w in s.walls)
@@ -283,11 +288,7 @@ def test_bad_render_arguments_are_rejected():
 
 
 def test_agent_pixels_never_fall_on_wall_pixels():
-    rng = np.random.default_rng(3)
-    scenes = [game.random_settings(seed) for seed in range(16)]
-    batch = GameBatch(scenes)
-    for t in range(120):
-        batch.step(torch.from_numpy(rng.integers(1, 5, len(scenes))))
+    for t, batch in random_walk(16, 120, seed=3):
         if t % 10:
             continue
         states = batch.to_settings()
