@@ -139,18 +139,23 @@ class Settings:
 
 # ----------------------------------------------------------------------------- geometry (torch)
 
+def _wall_offsets(points, walls):
+    """points (B, N, 2), walls (B, W, 5) -> (du, dv) (B, N, W): the offset from each wall's nearest
+    point to each point, in the wall's own frame (zero inside the wall), and the walls' cos, sin (B, 1, W)."""
+    x, y, w, h, theta = (t[:, None, :] for t in walls.unbind(-1))
+    c, s = torch.cos(theta), torch.sin(theta)
+    dx, dy = points[..., 0:1] - x, points[..., 1:2] - y
+    u, v = dx * c + dy * s, -dx * s + dy * c           # the point in the wall's own frame
+    du = u - torch.minimum(torch.clamp(u, min=0), w)
+    dv = v - torch.minimum(torch.clamp(v, min=0), h)
+    return du, dv, c, s
+
+
 def _circle_hits_walls(points, radius, walls, wall_mask):
     """points (B, N, 2), radius (B,), walls (B, W, 5), wall_mask (B, W) -> (B, N) bool:
     the open disc of `radius` at each point overlaps a (closed) wall rectangle."""
-    x, y, w, h, theta = walls.unbind(-1)
-    c, s = torch.cos(theta)[:, None, :], torch.sin(theta)[:, None, :]
-    dx = points[..., 0:1] - x[:, None, :]              # (B, N, W)
-    dy = points[..., 1:2] - y[:, None, :]
-    u, v = dx * c + dy * s, -dx * s + dy * c           # the point in the wall's own frame
-    du = u - torch.minimum(torch.clamp(u, min=0), w[:, None, :])   # offset to the nearest rectangle point
-    dv = v - torch.minimum(torch.clamp(v, min=0), h[:, None, :])
-    hit = (du * du + dv * dv < radius[:, None, None] ** 2) & wall_mask[:, None, :]
-    return hit.any(-1)
+    du, dv, _, _ = _wall_offsets(points, walls)
+    return ((du * du + dv * dv < radius[:, None, None] ** 2) & wall_mask[:, None, :]).any(-1)
 
 
 def _wrap_angle(a):
@@ -349,15 +354,10 @@ class GameBatch:
         """The point the oracle heads for: the first remaining gold piece, pushed out of every
         wall's reach (agent radius plus a small margin) so that the agent's centre can get there.
         Near a wall this makes the agent slide along the wall instead of pushing into it."""
-        aim = self._target()[0].clone()
+        aim = self._target()[0]
         reach = self.agent_radius + 2 * STEP_RESOLUTION   # more than a shortened step leaves between agent and wall
-        for k in range(self.walls.shape[1]):
-            x, y, w, h, theta = self.walls[:, k].unbind(-1)
-            c, s = torch.cos(theta), torch.sin(theta)
-            dx, dy = aim[:, 0] - x, aim[:, 1] - y
-            u, v = dx * c + dy * s, -dx * s + dy * c
-            du = u - torch.minimum(torch.clamp(u, min=0), w)
-            dv = v - torch.minimum(torch.clamp(v, min=0), h)
+        for k in range(self.walls.shape[1]):               # one wall at a time, so corners push twice
+            du, dv, c, s = (t[:, 0, 0] for t in _wall_offsets(aim[:, None, :], self.walls[:, k:k + 1]))
             dist = torch.sqrt(du * du + dv * dv)
             push = self.wall_mask[:, k] & (dist > 0) & (dist < reach)   # (dist 0: inside the wall, unreachable)
             scale = torch.where(push, reach / dist.clamp(min=1e-12) - 1, 0)
