@@ -1310,10 +1310,24 @@ def forgetting_probe(brain, frames, sentences, chunk=64):
     return {"plain_mse": mse, "text_loss": loss}
 
 
-def forgetting_baseline(run, brain, frames, n_replay, n_heldout):
-    """Replay sentences from the --init-from brain and the forgetting probe before the stage: made once, on a
-    fresh run, and kept in the checkpoint's cursor so a resumed run trains on and compares with the same.
-    Returns (training sentences, held-out sentences, probe before), sentences on the run's device."""
+def add_forgetting_args(parser):
+    """The flags of the losses that keep earlier skills, shared by the skill stages."""
+    parser.add_argument("--plain-batch", type=int, default=16,
+                        help="image-pretraining frames per batch for the plain reconstruction loss")
+    parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text model's own loss")
+    parser.add_argument("--text-batch", type=int, default=32, help="sentences per batch for it")
+    parser.add_argument("--replay-sentences", type=int, default=2048,
+                        help="sentences the text model writes at the start, for its own loss")
+    parser.add_argument("--eval-frames", type=int, default=256,
+                        help="held-out image-pretraining frames and text-model sentences that measure forgetting")
+
+
+def forgetting_baseline(run, brain, n_replay, n_heldout):
+    """Before a skill stage, from the --init-from brain: sentences its text model writes (n_replay to train
+    on, n_heldout to measure with) and the forgetting probe on them and on the image pretraining's held-out
+    frames. Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run trains on and
+    compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
+    frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0), run.device)
     if "replay" not in run.cursor:
         g = torch.Generator(device=run.device)
         g.manual_seed(run.args.seed)                  # the same sentences on every rank
@@ -1322,14 +1336,14 @@ def forgetting_baseline(run, brain, frames, n_replay, n_heldout):
                           before=forgetting_probe(brain, frames, bank[n_replay:]))
         run.log("before this stage: " + " | ".join(f"{k} {v:.4g}" for k, v in run.cursor["before"].items()))
     c = run.cursor
-    return c["replay"].to(run.device), c["replay_heldout"].to(run.device), c["before"]
+    return c["replay"].to(run.device), dict(frames=frames, sentences=c["replay_heldout"], before=c["before"])
 
 
-def forgetting_ratios(after, before):
-    """The probe after the stage, its value before, and after / before (1 = nothing forgotten)."""
-    out = dict(after)
-    for k, v in after.items():
-        out[f"{k}_before"], out[f"{k}_ratio"] = before[k], v / before[k]
+def forgetting(brain, probe):
+    """The probe now, its value before the stage, and now / before (1 = nothing forgotten)."""
+    out = forgetting_probe(brain, probe["frames"], probe["sentences"])
+    for k, v in list(out.items()):
+        out[f"{k}_before"], out[f"{k}_ratio"] = probe["before"][k], v / probe["before"][k]
     return out
 
 

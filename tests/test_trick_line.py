@@ -1,0 +1,119 @@
+"""The line trick: its metrics on hand-made pictures, and the stage as a user runs it (a few steps of a
+small brain from small pretrained checkpoints, exact resume after SIGKILL, a clear error without text parts)."""
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import core
+import game
+import pretrain_text
+from conftest import kill_when, run_script
+from pretrained import SKILL_ARGS, pretrain
+
+SIZE = 64
+
+
+def scene(agent, gold, heading=0.0):
+    return game.Settings(agent[0], agent[1], heading, gold=[gold])
+
+
+def blue(mask):
+    """A white picture with the masked pixels in the line's blue."""
+    img = torch.ones(1, 3, *mask.shape)
+    img[0, :, mask] = torch.tensor([0, 0, 213 / 255])[:, None]
+    return img
+
+
+def test_line_iou_on_hand_made_pictures():
+    a, b = torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8, 8, dtype=torch.bool)
+    a[2, 1:7], b[2, 4:8] = True, True                   # 6 and 4 pixels, 3 shared, 7 in the union
+    iou = lambda p, t: core.line_scores(blue(p), blue(t))["iou"].item()
+    assert iou(a, a) == 1.0
+    assert iou(a, b) == pytest.approx(3 / 7)
+    assert iou(torch.zeros_like(a), a) == 0.0             # drawing nothing
+    assert iou(torch.zeros_like(a), torch.zeros_like(a)) == 1.0
+
+
+def test_line_geometry_reads_angle_and_length_off_the_true_line():
+    horizontal = game.line_target([scene((0.3, 0.5), (0.7, 0.5))], SIZE)
+    angle, length, n = core.line_geometry(core.line_mask(horizontal))
+    expected = (0.4 - game.AGENT_RADIUS - game.GOLD_RADIUS) * SIZE
+    assert abs(angle.item()) < 0.05 and abs(length.item() - expected) <= 2 and n.item() > expected
+    diagonal = game.line_target([scene((0.3, 0.3), (0.6, 0.6))], SIZE)     # y down: the bar runs to the lower right
+    assert math.degrees(core.line_geometry(core.line_mask(diagonal))[0].item()) == pytest.approx(45, abs=3)
+    s = core.line_scores(diagonal, horizontal)
+    assert s["angle_err"].item() == pytest.approx(45, abs=3) and s["found"].item() and s["iou"].item() < 0.2
+
+
+class Drawer(torch.nn.Module):
+    """A stand-in brain that answers every prompt with fixed pictures."""
+
+    def __init__(self, pictures):
+        super().__init__()
+        self.cfg = core.make_config("tiny", img_size=SIZE, patch=8)
+        self.pictures, self.w = pictures, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, text, img):
+        return None, self.pictures[: len(img)]
+
+
+class Words:
+    def encode(self, texts, seq_len):
+        return torch.zeros(len(texts), seq_len, dtype=torch.long)
+
+
+def test_line_metrics_score_a_perfect_drawer_and_the_baselines():
+    scenes = [game.random_bare_settings(i) for i in range(16)]
+    targets = game.line_target(scenes, SIZE)
+    perfect, _ = core.line_metrics(Drawer(targets), Words(), scenes, ["draw"])
+    assert perfect["line_iou"] == 1.0 and perfect["angle_err_deg"] < 1e-3 and perfect["task_mse"] == 0.0
+    assert perfect["iou_nothing"] == 0.0 and 0 < perfect["iou_mean_line"] < 0.3
+    lazy, _ = core.line_metrics(Drawer(game.render(scenes, SIZE)), Words(), scenes, ["draw"])
+    assert lazy["line_iou"] == 0.0 and lazy["line_found"] == 0.0 and lazy["task_mse"] > 0
+
+
+def test_prompts_are_many_and_the_held_back_ones_are_new():
+    train, heldout = core.LINE_PROMPTS["train"], core.LINE_PROMPTS["heldout"]
+    assert len(set(train)) >= 6 and heldout and not set(train) & set(heldout)
+    assert not set(heldout) & set(pretrain_text._game_pool())
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return pretrain(tmp_path_factory.mktemp("pretrained"))
+
+
+def stage_args(run_dir, steps, init):
+    return [*SKILL_ARGS, "--run-dir", run_dir, "--steps", steps, "--batch-size", 8, "--warmup", 2, "--log-every", 2,
+            "--save-every", 4, "--eval-every", 6, "--eval-scenes", 8, "--eval-frames", 8, "--replay-sentences", 32,
+            "--plain-batch", 3, "--text-batch", 4, "--init-from", *init]
+
+
+def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_exactly(tmp_path, pretrained):
+    out = run_script("trick_line.py", *stage_args(tmp_path / "a", 12, pretrained)).stdout
+    assert "before this stage: plain_mse" in out
+    for key in ("line_iou", "iou_nothing", "iou_mean_line", "angle_err_deg", "task_mse", "phantom_line_plain",
+                "plain_mse_ratio", "text_loss_ratio"):
+        assert f"{key} " in out
+    ckpt = core.load_checkpoint(str(tmp_path / "a" / "trick_line_best.pt"))
+    assert ckpt["metrics"]["line_iou"] >= 0 and ckpt["metrics"]["plain_mse_before"] > 0
+    from PIL import Image
+    grid = Image.open(tmp_path / "a" / "lines.png")
+    assert (grid.width, grid.height) == (8 * 32 * 2, 3 * 32 * 2)        # scene, target, prediction
+
+    code, _ = kill_when("trick_line.py", "batch 6/12", *stage_args(tmp_path / "b", 12, pretrained))
+    assert code == -signal.SIGKILL
+    out = run_script("trick_line.py", *stage_args(tmp_path / "b", 12, pretrained), "--resume").stdout
+    assert "resuming from" in out and "before this stage" not in out        # the baseline came from the checkpoint
+    a, b = (core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / d))) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert json.dumps(a["metrics"]) == json.dumps(b["metrics"])       # NaN angle errors compare equal here
+
+
+def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pretrained):
+    bad = run_script("trick_line.py", *stage_args(tmp_path, 2, pretrained[:1]), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "text_enc" in bad.stderr and "tokenizer" in bad.stderr

@@ -1,0 +1,116 @@
+"""The QA tutorial: labels on hand-built scenes, the answer parser, the phrasings' rules, and the stage as a
+user runs it (a few steps of a small brain, accuracy per family beside chance, exact resume after SIGKILL)."""
+import math
+import signal
+
+import pytest
+import torch
+
+import core
+import game
+import pretrain_text
+from conftest import kill_when, run_script
+from pretrained import SKILL_ARGS, pretrain
+
+UP, DOWN, LEFTWARD, RIGHTWARD = 3 * math.pi / 2, math.pi / 2, math.pi, 0.0     # headings on screen (y down)
+
+
+def labels(agent, gold, heading):
+    s = game.Settings(agent[0], agent[1], heading, gold=[gold])
+    return {family: core.qa_label(family, s) for family in core.QA_FAMILIES}
+
+
+def test_labels_gold_straight_left_and_behind_the_agent():
+    got = labels((0.5, 0.5), (0.3, 0.5), RIGHTWARD)
+    assert got["gold_left_right"] == "left" and got["agent_left_right"] == "right"
+    assert got["ahead"] == "no" and got["near"] == "near"
+    assert got["turn"] == "right"                   # exactly behind: the game's tie-break
+    assert labels((0.5, 0.5), (0.3, 0.5), LEFTWARD)["ahead"] == "yes"
+
+
+def test_labels_gold_straight_above_in_screen_terms():
+    got = labels((0.5, 0.5), (0.5, 0.2), UP)        # y grows downward: smaller y is higher on screen
+    assert got["gold_above_below"] == "above" and got["agent_above_below"] == "below"
+    assert got["ahead"] == "yes" and got["near"] == "far"
+    assert labels((0.5, 0.5), (0.5, 0.8), UP)["gold_above_below"] == "below"
+
+
+def test_labels_turns_are_named_as_the_frame_shows():
+    assert labels((0.5, 0.5), (0.5, 0.2), RIGHTWARD)["turn"] == "left"     # facing right, gold up: turn left
+    assert labels((0.5, 0.5), (0.5, 0.8), RIGHTWARD)["turn"] == "right"
+    assert labels((0.5, 0.5), (0.8, 0.5), DOWN)["turn"] == "left"
+    assert labels((0.5, 0.5), (0.8, 0.52), RIGHTWARD)["ahead"] == "yes"    # within the agent's width
+    assert labels((0.5, 0.5), (0.8, 0.6), RIGHTWARD)["ahead"] == "no"
+
+
+def test_labels_on_the_boundary_keep_gold_and_agent_families_opposite():
+    level = labels((0.5, 0.5), (0.8, 0.5), DOWN)     # same row: "above" only when strictly higher
+    assert level["gold_above_below"] == "below" and level["agent_above_below"] == "above"
+    column = labels((0.5, 0.5), (0.5, 0.8), DOWN)    # same column: "left" only when strictly left
+    assert column["gold_left_right"] == "right" and column["agent_left_right"] == "left"
+    assert labels((0.5, 0.5), (0.5, 0.5 + game.NEAR_DISTANCE), DOWN)["near"] == "far"
+    assert labels((0.5, 0.5), (0.5, 0.5 + game.NEAR_DISTANCE - 1e-3), DOWN)["near"] == "near"
+
+
+def test_every_phrasing_parses_to_its_label_and_nothing_else_does():
+    for family, fam in core.QA_FAMILIES.items():
+        for label, said in fam["answers"].items():
+            for answer in said["train"] + said["heldout"]:
+                assert core.parse_answer(family, answer) == label, (family, answer)
+    assert core.parse_answer("gold_left_right", "LEFT!") == "left"
+    for garbage in ["", "Left or right.", "Blue.", "The gold is above.", "leftover"]:
+        assert core.parse_answer("gold_left_right", garbage) is None
+    assert core.parse_answer("ahead", "Left.") is None and core.parse_answer("ahead", "No, not ahead.") == "no"
+    assert core.parse_answer("near", "Not near.") is None and core.parse_answer("turn", "Don't turn left.") is None
+
+
+def test_phrasings_belong_to_one_family_and_held_back_questions_are_new():
+    seen = {}
+    for family, fam in core.QA_FAMILIES.items():
+        texts = fam["questions"]["train"] + fam["questions"]["heldout"]
+        texts += [a for said in fam["answers"].values() for a in said["train"] + said["heldout"]]
+        for text in texts:
+            assert seen.setdefault(text, family) == family, f"{text!r} is in {seen[text]} and {family}"
+        assert len(fam["questions"]["train"]) >= 3 and fam["questions"]["heldout"]
+        assert not set(fam["questions"]["heldout"]) & set(fam["questions"]["train"])
+        assert not set(fam["questions"]["heldout"]) & set(pretrain_text._game_pool())
+    assert len(core.QA_FAMILIES) == 7
+
+
+def test_scenes_are_balanced_so_chance_is_one_half():
+    scenes = core.qa_scenes(6, 0)
+    assert core.qa_chance(scenes) == {family: 0.5 for family in core.QA_FAMILIES}
+    assert core.qa_scenes(6, 0)["ahead"][0] == scenes["ahead"][0]          # reproducible by seed
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return pretrain(tmp_path_factory.mktemp("pretrained"))
+
+
+def stage_args(run_dir, steps, init):
+    return [*SKILL_ARGS, "--run-dir", run_dir, "--steps", steps, "--batch-size", 14, "--warmup", 2, "--log-every", 2,
+            "--save-every", 4, "--eval-every", 6, "--eval-scenes", 2, "--eval-frames", 8, "--replay-sentences", 32,
+            "--plain-batch", 3, "--text-batch", 4, "--init-from", *init]
+
+
+def test_a_few_steps_measure_accuracy_beside_chance_and_a_killed_run_resumes_exactly(tmp_path, pretrained):
+    out = run_script("tutorial_qa.py", *stage_args(tmp_path / "a", 12, pretrained)).stdout
+    for family in core.QA_FAMILIES:
+        assert f"acc_{family} " in out and f"chance_{family} 0.5 " in out and f"example {family}: " in out
+    assert "plain_mse_ratio" in out and "text_loss_ratio" in out
+    best = core.load_checkpoint(str(tmp_path / "a" / "tutorial_qa_best.pt"))
+    assert 0 <= best["metrics"]["acc_mean"] <= 1 and best["metrics"]["acc_mean"] >= best["metrics"]["acc_min"]
+
+    code, _ = kill_when("tutorial_qa.py", "batch 6/12", *stage_args(tmp_path / "b", 12, pretrained))
+    assert code == -signal.SIGKILL
+    out = run_script("tutorial_qa.py", *stage_args(tmp_path / "b", 12, pretrained), "--resume").stdout
+    assert "resuming from" in out
+    a, b = (core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / d))) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pretrained):
+    bad = run_script("tutorial_qa.py", *stage_args(tmp_path, 2, pretrained[:1]), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "text_enc" in bad.stderr and "tokenizer" in bad.stderr

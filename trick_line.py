@@ -1,0 +1,114 @@
+"""trick_line.py: stage 3 of the curriculum, the first trick: "draw the line from the agent to the gold".
+
+Given a bare scene and a prompt (core.LINE_PROMPTS: eight for training, three held back), the brain
+redraws the frame with a blue bar from the agent's rim to the gold's rim (game.line_target). The original
+learned this and forgot how to redraw a plain frame (150x worse, with phantom blue lines), so three
+losses are mixed:
+
+  line   forward(text, frame)'s image against its target. Most rows get a prompt and must draw the line;
+         --control-share of them get an ordinary sentence (one the text model itself wrote) and must give
+         the frame back unchanged, so the line is drawn because it was asked for. Line pixels (where the
+         line target differs from the frame) weigh --line-weight more in both kinds of row: they are about
+         0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows the same weight
+         makes a phantom line as costly as a missing one.
+  plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
+  text   next-token loss of the text model on sentences it wrote itself before this stage, x --text-weight
+         (no corpus needed: it pulls the text model back to the language it had).
+
+Forgetting is measured against the --init-from brain, before the first step: plain reconstruction MSE
+on the image pretraining's held-out frames and text loss on held-out sentences of the text model.
+The best checkpoint is the one with the highest line IoU on held-out scenes with held-back prompts.
+
+    python trick_line.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import core
+import game
+
+NEEDS = ["img_enc", "img_dec", "text_enc", "text_dec"]
+
+
+def pick(pool, n, rng):
+    return pool[torch.from_numpy(rng.integers(len(pool), size=n)).to(pool.device)]
+
+
+def control_sentences(tokenizer, sentences):
+    """The text model's sentences that do not ask for a line ("line" in one would make its target ambiguous)."""
+    keep = ["line" not in tokenizer.decode(s).lower() for s in sentences]
+    return sentences[torch.tensor(keep, device=sentences.device)]
+
+
+@torch.no_grad()
+def evaluate(brain, tokenizer, scenes, controls, probe, png):
+    """Line metrics with held-back and with training prompts, phantom lines, forgetting; a PNG grid."""
+    metrics, frames = core.line_metrics(brain, tokenizer, scenes, core.LINE_PROMPTS["heldout"])
+    metrics["line_iou_train_prompts"] = core.line_metrics(brain, tokenizer, scenes, core.LINE_PROMPTS["train"])[0]["line_iou"]
+    scene = frames["scene"]
+    for name, recon in [("plain", brain.img_autoencoder(scene)),
+                        ("control", brain(controls[torch.arange(len(scene)) % len(controls)], scene)[1])]:
+        # share of bare frames redrawn with a line nobody asked for
+        metrics[f"phantom_line_{name}"] = (core.line_mask(recon).flatten(1).sum(1) >= 3).float().mean().item()
+    metrics.update(core.forgetting(brain, probe))
+    core.save_image_grid([frames[k][:8] for k in ("scene", "target", "prediction")], png)
+    return metrics
+
+
+def main(argv=None):
+    parser = core.stage_parser(__doc__, steps=1500, batch_size=32, lr=3e-4, warmup=100, eval_every=250,
+                               save_every=250)
+    parser.add_argument("--line-weight", type=float, default=20.0, help="loss weight of line pixels against the rest")
+    parser.add_argument("--control-share", type=float, default=0.25,
+                        help="share of rows given an ordinary sentence, whose target is the frame unchanged")
+    parser.add_argument("--plain-weight", type=float, default=1.0, help="weight of the plain reconstruction loss")
+    core.add_forgetting_args(parser)
+    parser.add_argument("--eval-scenes", type=int, default=256, help="held-out bare scenes in each evaluation")
+    args = parser.parse_args(argv)
+
+    run = core.Run("trick_line", args, trains=NEEDS, mode="max")
+    brain = run.build(run.tokenizer)      # the brain's vocabulary follows the pretrained tokenizer
+    core.check_init_parts(run.origins, run.tokenizer, NEEDS, "trick_line")
+    tokenizer, size, B = run.tokenizer, run.cfg.img_size, args.batch_size
+    replay, probe = core.forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
+    controls = control_sentences(tokenizer, replay)
+    prompts = tokenizer.encode(core.LINE_PROMPTS["train"], run.cfg.seq_len).to(run.device)
+    eval_rng = core.heldout_rng(0, salt=3)
+    scenes = [game.random_bare_settings(eval_rng) for _ in range(args.eval_scenes)]
+    png = os.path.join(run.run_dir, "lines.png")
+
+    for batch in run.batches():
+        rng = run.rng()
+        with run.timing("data"):
+            batch_scenes = [game.random_bare_settings(rng) for _ in range(B)]
+            frames = game.render(batch_scenes, size, run.device)
+            targets = game.line_target(batch_scenes, size, run.device)
+            control = torch.from_numpy(rng.random(B) < args.control_share).to(run.device)
+            text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
+            plain = game.pretrain_image_batch(args.plain_batch, size, rng, run.device)
+            sentences = pick(replay, args.text_batch, rng)
+        with run.autocast():
+            _, recon = brain(text, frames)
+            plain_recon = brain.img_autoencoder(plain)
+            logits = brain.sentence_autoencoder(sentences)
+        weight = 1 + (args.line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
+        want = torch.where(control[:, None, None, None], frames, targets)
+        line_loss = (weight * (recon.float() - want) ** 2).mean()
+        plain_loss = F.mse_loss(plain_recon.float(), plain)
+        text_loss = core.text_loss(logits, sentences)
+        loss = line_loss + args.plain_weight * plain_loss + args.text_weight * text_loss
+        run.step(loss)
+        run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": plain_loss.item(),
+                      "text": text_loss.item()}, samples=B)
+        if run.due(args.eval_every) or run.batch == args.steps:
+            metrics = evaluate(brain, tokenizer, scenes, controls, probe, png)
+            run.save(metrics, metric=metrics["line_iou"])
+        elif run.due(args.save_every):
+            run.save()
+    run.close()
+
+
+if __name__ == "__main__":
+    core.main_guard(main)
