@@ -238,7 +238,8 @@ def _fill_rows(start, stop, units, thresholds, size):
     after = palette.index_select(0, top.flatten()).view(B, S, -1, 3).permute(0, 3, 1, 2)
     change = torch.diff(after, dim=-1, prepend=torch.zeros_like(after[..., :1])).contiguous()
     # uint8 arithmetic wraps modulo 256, and the prefix sums of the changes are colours in 0..255
-    frame = torch.zeros(B, 3, S, size + 1, dtype=torch.uint8, device=start.device)   # column `size`: events past the row
+    # one extra column catches the events past the row's end
+    frame = torch.zeros(B, 3, S, size + 1, dtype=torch.uint8, device=start.device)
     frame.scatter_add_(3, pos[:, None].expand(B, 3, S, -1).contiguous(), change)
     return frame.cumsum_(-1)[..., :size]
 
@@ -418,30 +419,29 @@ class GameBatch:
         return out
 
     def _shapes(self, line):
-        """Rectangles and discs to draw, each with its layer's unit in a packed per-pixel counter:
-        every layer gets a bit field wide enough to count all its shapes, higher layers in higher bits."""
-        B = len(self)
-        ra = self.agent_radius
+        """What to draw: rectangles (B, R, 5) and discs (B, C, 3) [x, y, r], each with the unit it
+        adds to a packed per-pixel layer counter (0 where absent), and each layer's first unit.
+        Every layer gets a bit field wide enough to count all its shapes, higher layers in higher
+        bits, so a counter at least a layer's first unit means that layer or a higher one is there."""
+        ra, present = self.agent_radius[:, None], torch.ones(len(self), 1, dtype=torch.bool, device=self.device)
         forward = torch.stack([torch.cos(self.heading), torch.sin(self.heading)], -1)
-        eye = torch.cat([self.pos + EYE_OFFSET * ra[:, None] * forward, EYE_RADIUS * ra[:, None]], -1)
-        agent = torch.cat([self.pos, ra[:, None]], -1)
+        agent = torch.cat([self.pos, ra], -1)[:, None]
+        eye = torch.cat([self.pos + EYE_OFFSET * ra * forward, EYE_RADIUS * ra], -1)[:, None]
         gold = torch.cat([self.gold, self.gold_radius[:, None, None].expand(-1, self.gold.shape[1], 1)], -1)
-        rects, rect_masks, rect_layers = [self.walls], [self.wall_mask], [WALL_LAYER] * self.walls.shape[1]
+        rects = [(self.walls, self.wall_mask, WALL_LAYER)]
         if line:
             bar, ok = self._line_bar()
-            rects, rect_masks, rect_layers = rects + [bar[:, None]], rect_masks + [ok[:, None]], rect_layers + [LINE_LAYER]
-        circles = torch.cat([gold, agent[:, None], eye[:, None]], 1)
-        circle_masks = torch.cat([self.gold_mask, torch.ones(B, 2, dtype=torch.bool, device=self.device)], 1)
-        circle_layers = [GOLD_LAYER] * self.gold.shape[1] + [AGENT_LAYER, EYE_LAYER]
-        counts = {layer: (rect_layers + circle_layers).count(layer) for layer in range(1, len(PALETTE))}
-        offset, shift = {}, 0
-        for layer in range(1, len(PALETTE)):
-            offset[layer], shift = shift, shift + max(1, counts[layer]).bit_length()
-        assert shift < 63, "too many shapes to pack into one int64 counter"
-        unit = lambda layers, masks: torch.tensor([1 << offset[l] for l in layers], device=self.device) * torch.cat(masks, 1)
-        thresholds = torch.tensor([1 << offset[l] for l in range(1, len(PALETTE))], device=self.device)
-        return (torch.cat(rects, 1), unit(rect_layers, rect_masks), circles,
-                unit(circle_layers, [circle_masks]), thresholds)
+            rects.append((bar[:, None], ok[:, None], LINE_LAYER))
+        discs = [(gold, self.gold_mask, GOLD_LAYER), (agent, present, AGENT_LAYER), (eye, present, EYE_LAYER)]
+        bits = {layer: 1 for layer in range(1, len(PALETTE))}
+        for shapes, _, layer in rects + discs:
+            bits[layer] = shapes.shape[1].bit_length()
+        first = {layer: sum(bits[l] for l in range(1, layer)) for layer in bits}
+        assert sum(bits.values()) < 63, "too many shapes to pack into one int64 counter"
+        units = lambda group: torch.cat([mask.long() << first[layer] for _, mask, layer in group], 1)
+        thresholds = torch.tensor([1 << first[layer] for layer in sorted(bits)], device=self.device)
+        return (torch.cat([r for r, _, _ in rects], 1), units(rects),
+                torch.cat([d for d, _, _ in discs], 1), units(discs), thresholds)
 
     def _line_bar(self):
         """The blue bar from the agent's rim to its first remaining gold piece's rim, as a wall-like rectangle."""

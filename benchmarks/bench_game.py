@@ -106,10 +106,10 @@ def main():
             t = torch.get_num_threads() if device == "cpu" else "-"
             for B in args.batches:
                 batch = game.GameBatch(scenes[:B], device)
-                rows.append(("render", device, t, B, rate(lambda: batch.render(args.size), B, args.seconds, sync), ref_render))
-            rows.append(("mix (zooms 2..21)", device, t, args.mix,
-                         rate(lambda: game.pretrain_image_batch(args.mix, args.size, 0, device), args.mix, args.seconds, sync),
-                         ref_mix))
+                frames = rate(lambda: batch.render(args.size), B, args.seconds, sync)
+                rows.append(("render", device, t, B, frames, ref_render))
+            mix = lambda: game.pretrain_image_batch(args.mix, args.size, 0, device)
+            rows.append(("mix (zooms 2..21)", device, t, args.mix, rate(mix, args.mix, args.seconds, sync), ref_mix))
             for B in (1, 256):
                 batch = game.GameBatch(scenes[:B], device)
                 actions = torch.randint(0, 5, (B,), device=device)

@@ -247,7 +247,8 @@ def test_colours_at_known_pixels_and_orientation():
     assert abs(cols.float().mean() + 0.5 - 0.8 * size) < 1 and abs(rows.float().mean() + 0.5 - 0.3 * size) < 1
 
 
-@pytest.mark.parametrize("heading, eye_dx, eye_dy", [(0.0, 1, 0), (math.pi / 2, 0, 1), (math.pi, -1, 0), (3 * math.pi / 2, 0, -1)])
+@pytest.mark.parametrize("heading, eye_dx, eye_dy",
+                         [(0.0, 1, 0), (math.pi / 2, 0, 1), (math.pi, -1, 0), (3 * math.pi / 2, 0, -1)])
 def test_the_eye_points_along_the_heading_on_screen(heading, eye_dx, eye_dy):
     frame = Game(open_scene(heading=heading)).render(64)
     rows, cols = mask_of(frame, "eye").nonzero(as_tuple=True)
