@@ -81,7 +81,10 @@ def main():
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     default_threads = torch.get_num_threads()
+    gpu_batches = args.batches + [4096]          # a GPU needs big batches to be busy
     scenes = [game.random_settings(seed) for seed in range(max(args.batches + [256]))]
+    if "cuda" in devices:
+        scenes = scenes * (max(gpu_batches) // len(scenes) + 1)
     print(f"game benchmark: {args.size} px; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"torch {torch.__version__}" + (f"; {torch.cuda.get_device_name()}" if "cuda" in devices else "") +
           f"; {args.clock} clock; load average {os.getloadavg()[0]:.1f}")
@@ -104,7 +107,7 @@ def main():
         for threads in (args.threads if device == "cpu" else [default_threads]):
             torch.set_num_threads(threads or default_threads)
             t = torch.get_num_threads() if device == "cpu" else "-"
-            for B in args.batches:
+            for B in (args.batches if device == "cpu" else gpu_batches):
                 batch = game.GameBatch(scenes[:B], device)
                 frames = rate(lambda: batch.render(args.size), B, args.seconds, sync)
                 rows.append(("render", device, t, B, frames, ref_render))
