@@ -90,6 +90,7 @@ def main():
           f"; {args.clock} clock; load average {os.getloadavg()[0]:.1f}")
 
     # the Pillow reference, one scene at a time on one core
+    torch.set_num_threads(1)
     n_ref = 64
     ref_render = rate(lambda: [pillow_frame(s, args.size) for s in scenes[:n_ref]], n_ref, args.seconds)
 
