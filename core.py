@@ -62,6 +62,9 @@ PRESETS = {
 }
 
 PARTS = ("img_enc", "img_dec", "text_enc", "text_dec", "value")
+# The skill each stage teaches; a checkpoint lists every skill of the stages it descends from.
+STAGE_SKILLS = {"pretrain_image": "image", "pretrain_text": "text", "trick_line": "line", "tutorial_qa": "qa",
+                "rl_fake_traces": "agent", "rl_grpo": "agent"}
 
 
 def make_config(preset, **overrides):
@@ -925,10 +928,12 @@ class Run:
         else:
             overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BrainConfig)}
             self.cfg = make_config(args.preset, **overrides)
-        self.tokenizer = None
-        tok_json = self.ckpt["tokenizer"] if self.ckpt else self._peek_tokenizer(args.init_from)
-        if tok_json:
-            self.tokenizer = Tokenizer.from_json(tok_json)
+        # what travels from checkpoint to checkpoint besides weights: the tokenizer, the held-out sentences
+        # of text pretraining (so later stages and eval.py measure forgetting on them), the skills trained
+        inherited = self.ckpt or self._inherit(args.init_from)
+        self.tokenizer = Tokenizer.from_json(inherited["tokenizer"]) if inherited.get("tokenizer") else None
+        self.heldout_text = inherited.get("heldout_text")
+        self.skills = sorted(set(inherited.get("skills", [])) | ({STAGE_SKILLS[stage]} if stage in STAGE_SKILLS else set()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
@@ -944,12 +949,14 @@ class Run:
                              f"or choose another --run-dir (nothing was overwritten)")
 
     @staticmethod
-    def _peek_tokenizer(paths):
-        for path in reversed(paths or []):
+    def _inherit(paths):
+        out = {"skills": []}
+        for path in paths or []:
             ckpt = load_checkpoint(resolve_checkpoint(path))
+            out["skills"] += ckpt.get("skills", [])
             if ckpt.get("tokenizer"):
-                return ckpt["tokenizer"]
-        return None
+                out["tokenizer"], out["heldout_text"] = ckpt["tokenizer"], ckpt.get("heldout_text")
+        return out
 
     def build(self, tokenizer=None):
         """The brain on the device, with its optimizer; resumed or initialised from earlier stages."""
@@ -1038,8 +1045,14 @@ class Run:
             yield self.batch
         if self.last_saved != self.batch:
             self.save()
-        self.log(f"stopped by {self.stop_signal} at batch {self.batch}" if self.stop_signal
-                 else f"finished {self.batch} batches; checkpoints in {self.run_dir}")
+        if self.stop_signal:
+            self.log(f"stopped by {self.stop_signal} at batch {self.batch}")
+            return
+        if self.rank == 0:          # curriculum.sh skips a stage whose run folder says it finished
+            with open(os.path.join(self.run_dir, "finished.json"), "w") as f:
+                json.dump({"batch": self.batch, "best": self.keeper.manifest["best"],
+                           "best_metric": self.keeper.manifest["best_metric"]}, f)
+        self.log(f"finished {self.batch} batches; checkpoints in {self.run_dir}")
 
     def step(self, loss, accumulated=False, advance=True):
         """Backward and update, unless the loss or the gradients are not finite: then the step is skipped and
@@ -1150,7 +1163,7 @@ class Run:
                 "args": {k: v for k, v in vars(self.args).items()},
                 "tokenizer": self.tokenizer.to_json() if self.tokenizer else None,
                 "metrics": metrics or {}, "trained_parts": self.trains, "origins": self.origins,
-                "skipped": self.skipped,
+                "skipped": self.skipped, "skills": self.skills, "heldout_text": self.heldout_text,
             }
             path = self.keeper.save(payload, self.batch, metric)
             self.log(f"saved {path}")

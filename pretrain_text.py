@@ -390,6 +390,7 @@ def main(argv=None):
         run.log(f"trained a byte-level BPE tokenizer of {tokenizer.vocab} tokens on the training sentences")
     brain = run.build(tokenizer)
     run.cursor = {"sentences": len(train)}
+    run.heldout_text = heldout           # travels on in every later checkpoint, to measure forgetting
     seq_len = run.cfg.seq_len
     train_ids = tokenizer.encode(train, seq_len).to(run.device)
     heldout_ids = tokenizer.encode(heldout, seq_len).to(run.device)
