@@ -1313,14 +1313,18 @@ def replay_sentences(brain, n, generator, chunk=256):
 def forgetting_probe(brain, frames, sentences, chunk=64):
     """What a skill stage must not destroy: plain reconstruction MSE (no text) of held-out frames, and the
     text model's loss (no image) on held-out sentences."""
-    device = next(brain.parameters()).device
-    sentences = sentences.to(device)
     mse = sum(F.mse_loss(brain.img_autoencoder(frames[i: i + chunk]).float(), frames[i: i + chunk],
                          reduction="sum").item() for i in range(0, len(frames), chunk)) / frames.numel()
+    return {"plain_mse": mse, "text_loss": sentence_loss(brain, sentences, chunk)}
+
+
+@torch.no_grad()
+def sentence_loss(brain, sentences, chunk=64):
+    """The text model's next-token loss (no image) per token of sentences (B, seq_len); padding is ignored."""
+    sentences = sentences.to(next(brain.parameters()).device)
     tokens = (sentences[:, 1:] != PAD).sum().item()
-    loss = sum(text_loss(brain.sentence_autoencoder(sentences[i: i + chunk]), sentences[i: i + chunk]).item()
+    return sum(text_loss(brain.sentence_autoencoder(sentences[i: i + chunk]), sentences[i: i + chunk]).item()
                * (sentences[i: i + chunk, 1:] != PAD).sum().item() for i in range(0, len(sentences), chunk)) / tokens
-    return {"plain_mse": mse, "text_loss": loss}
 
 
 def add_forgetting_args(parser):

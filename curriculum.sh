@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# curriculum.sh: the whole curriculum in one command. Every stage in order, each starting from the best
+# checkpoints of the ones before it (--init-from), then eval.py on the brains they made.
+#
+#   bash curriculum.sh                                   # tiny brain on the CPU (about 30 minutes on 2 cores)
+#   bash curriculum.sh --quick                           # smoke run: tiny shapes, a few steps (under 3 minutes)
+#   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
+#
+# Options: --quick, --out-dir DIR (default runs/curriculum), --help. Every other flag goes to every stage
+# (e.g. --preset base, --gpu 0, --device cuda, --seed 1, --amp bf16, --compile); --gpu and --device also go
+# to eval.py. Running it again after a kill or a crash continues: a stage whose folder holds finished.json
+# is skipped, an interrupted one resumes from its newest checkpoint (--resume), and the report is rewritten.
+set -euo pipefail
+
+# ---- per-stage settings: edit here ------------------------------------------------------------------
+# Flags for each stage, by mode. They come before the pass-through flags, which override them.
+
+# Every stage of the curriculum shares the brain's sizes. seq_len 40 because with the default corpus the
+# BPE tokenizer (vocab 2000, or 600) splits the longest held-back QA question with its answer into up to
+# 34 (41) tokens, more than the preset's 32, and tutorial_qa.py refuses to start.
+TINY_COMMON=(--seq-len 40)
+TINY_image=(--steps 600 --eval-every 200 --save-every 200)
+TINY_text=(--steps 900 --eval-every 300 --save-every 300)
+TINY_line=(--steps 400 --eval-every 100 --save-every 100)
+TINY_qa=(--steps 500 --eval-every 125 --save-every 125)
+TINY_imitation=(--steps 400 --eval-every 100 --save-every 100 --eval-scenes 32 --eval-offsets 0.1 0.3)
+TINY_grpo=(--steps 40 --eval-every 20 --save-every 10 --eval-scenes 32 --eval-offsets 0.1 0.3)
+
+# --quick: the smallest brain the tests use and a few steps of each stage; eval.py --quick.
+QUICK_COMMON=(--img-size 32 --patch 8 --width 32 --img-heads 2 --text-heads 2 --value-heads 2 --vocab 600
+              --seq-len 48 --warmup 2 --log-every 2)
+QUICK_image=(--steps 8 --batch-size 8 --eval-every 8 --save-every 8 --eval-frames 16)
+QUICK_text=(--steps 8 --batch-size 16 --eval-every 8 --save-every 8 --samples 1)
+QUICK_line=(--steps 4 --batch-size 8 --eval-every 4 --save-every 4 --eval-scenes 8 --eval-frames 8
+            --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_qa=(--steps 4 --batch-size 14 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
+          --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3)
+QUICK_grpo=(--steps 2 --batch-size 2 --group-size 2 --eval-every 2 --save-every 2 --eval-scenes 4 --eval-offsets 0.3)
+
+# Any other preset (--preset small / base): the stages' own defaults, which are budgets for a GPU.
+FULL_COMMON=(--seq-len 40)
+FULL_image=()
+FULL_text=()
+FULL_line=()
+FULL_qa=()
+FULL_imitation=()
+FULL_grpo=()
+
+# The stages: folder name, script, and the folders (under --out-dir) whose best checkpoints it starts from.
+# rl_grpo also names the QA brain: the imitation stage does not train img_dec, so its checkpoint does not
+# carry one, and init-from takes each part from the last checkpoint that trained it.
+STAGES=(
+  "image     pretrain_image.py"
+  "text      pretrain_text.py"
+  "line      trick_line.py      image text"
+  "qa        tutorial_qa.py     line"
+  "imitation rl_fake_traces.py  qa"
+  "grpo      rl_grpo.py         qa imitation"
+)
+# eval.py compares these brains, one column each: every stage's best, so the table shows each skill
+# appear and what later stages made the brain forget. The last is the final brain.
+EVAL=(image text line qa imitation grpo)
+# -----------------------------------------------------------------------------------------------------
+
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+# one torch thread unless you say otherwise: on a shared CPU, torch's threads wait on each other and every
+# stage runs several times slower (set OMP_NUM_THREADS=2 on an idle 2-core machine if it is faster there)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+MODE=TINY
+OUT=runs/curriculum
+PASS=()
+EVAL_PASS=()
+QUICK=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=QUICK; QUICK=(--quick); shift ;;
+    --out-dir) OUT=${2:?--out-dir needs a folder}; shift 2 ;;
+    --out-dir=*) OUT=${1#*=}; shift ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --preset) PASS+=("$1" "${2:?--preset needs a name}"); [ "$2" = tiny ] || MODE=FULL; shift 2 ;;
+    --gpu|--device) PASS+=("$1" "${2:?$1 needs a value}"); EVAL_PASS+=("$1" "$2"); shift 2 ;;
+    *) PASS+=("$1"); shift ;;
+  esac
+done
+
+mkdir -p "$OUT"
+LOG="$OUT/curriculum.log"
+say() { echo "$(date '+%F %T') curriculum $*" | tee -a "$LOG"; }
+
+# one curriculum per folder at a time; a stage left running by a killed curriculum.sh keeps the lock too
+exec 9>>"$OUT/.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: another curriculum.sh (or a stage it started) is still running on $OUT" >&2
+  exit 1
+fi
+
+CHILD=
+stop() {   # Ctrl-C or kill: the running stage saves a checkpoint and stops; run this script again to continue
+  say "$1 received: stopping ${CHILD:+the running stage (pid $CHILD) }after its current batch"
+  if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null || true; wait "$CHILD" 2>/dev/null || true; fi
+  exit 130
+}
+trap 'stop SIGINT' INT
+trap 'stop SIGTERM' TERM
+trap 'stop SIGHUP' HUP
+
+# Runs a command in the background (so a signal reaches the trap at once) with its output appended to the
+# log, and on a terminal also shown; returns its exit status.
+run_logged() {
+  if [ -t 1 ]; then "$@" > >(tee -a "$LOG") 2>&1 & else "$@" >> "$LOG" 2>&1 & fi
+  CHILD=$!
+  local status=0
+  wait "$CHILD" || status=$?
+  CHILD=
+  return $status
+}
+
+setting() { local name="${MODE}_$1[@]"; SETTING=(${!name+"${!name}"}); }
+
+say "start: mode $MODE, folder $OUT, stage flags: ${PASS[*]:-none} ($(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+START=$SECONDS
+for line in "${STAGES[@]}"; do
+  read -r key script parents <<< "$line"
+  dir="$OUT/$key"
+  if [ -f "$dir/finished.json" ]; then
+    say "skip $key: $dir/finished.json says it finished"
+    continue
+  fi
+  cmd=("$PYTHON" "$script" --run-dir "$dir")
+  if compgen -G "$dir/*.pt" > /dev/null; then cmd+=(--resume); fi
+  setting COMMON; cmd+=(${SETTING[@]+"${SETTING[@]}"})
+  setting "$key"; cmd+=(${SETTING[@]+"${SETTING[@]}"})
+  cmd+=(${PASS[@]+"${PASS[@]}"})
+  if [ -n "${parents:-}" ]; then
+    cmd+=(--init-from)
+    for p in $parents; do cmd+=("$OUT/$p/best"); done
+  fi
+  say "stage $key: ${cmd[*]}"
+  t0=$SECONDS
+  if ! run_logged "${cmd[@]}"; then
+    say "stage $key failed (see $LOG); fix the cause and run the same command again to continue"
+    exit 1
+  fi
+  say "stage $key finished in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s"
+done
+
+brains=()
+for key in "${EVAL[@]}"; do brains+=("$OUT/$key/best"); done
+say "eval: $PYTHON eval.py ${brains[*]} --out $OUT/report ${QUICK[*]:-} ${EVAL_PASS[*]:-}"
+if ! run_logged "$PYTHON" eval.py "${brains[@]}" --out "$OUT/report" ${QUICK[@]+"${QUICK[@]}"} \
+    ${EVAL_PASS[@]+"${EVAL_PASS[@]}"}; then
+  say "eval failed (see $LOG)"
+  exit 1
+fi
+say "done in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s; report: $OUT/report/report.md"

@@ -1,0 +1,113 @@
+"""The whole curriculum as a user runs it (curriculum.sh --quick, killed and run again), and eval.py on
+checkpoints that lack skills, side by side, and on files that are not checkpoints."""
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import core
+from conftest import ROOT, run_script, script_env
+
+SKILLS = ("image", "text", "line", "qa", "agent")
+STAGES = ("image", "text", "line", "qa", "imitation", "grpo")
+
+
+def curriculum(out, *args):
+    """Start curriculum.sh --quick on folder `out` (its own output goes to out/curriculum.log)."""
+    return subprocess.Popen(["bash", os.path.join(ROOT, "curriculum.sh"), "--quick", "--out-dir", str(out), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**script_env(), "PYTHON": sys.executable})
+
+
+def report_rows(path):
+    """{(skill, figure): [cell per checkpoint]} from report.md's table."""
+    rows = {}
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in (*SKILLS, "forgetting"):
+            rows[cells[0], cells[1]] = cells[2:]
+    return rows
+
+
+def test_quick_curriculum_killed_and_run_again_teaches_every_skill_and_reports_it(tmp_path):
+    out = tmp_path / "curriculum"
+    # kill it once text pretraining has started (its train.log exists): the stage saves and stops
+    first = curriculum(out)
+    deadline = time.time() + 300
+    while not (out / "text" / "train.log").exists():
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) != 0
+    assert (out / "image" / "finished.json").exists() and not (out / "text" / "finished.json").exists()
+    assert list((out / "text").glob("pretrain_text_*_batch*.pt"))           # it saved before stopping
+
+    again = curriculum(out)
+    log = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, open(out / "curriculum.log").read()[-4000:]
+    assert "skip image" in log
+    assert re.search(r"stage text: .*pretrain_text\.py .*--resume", log)
+    assert "resuming from" in open(out / "text" / "train.log").read()
+    assert all((out / s / "finished.json").exists() for s in STAGES)
+    assert "Traceback" not in open(out / "curriculum.log").read()
+
+    report = out / "report" / "report.md"
+    assert f"report: {out}/report/report.md" in log
+    rows = report_rows(report)
+    final = {skill: [cells[-1] for (s, _), cells in rows.items() if s == skill] for skill in SKILLS}
+    for skill in SKILLS:                          # the final brain was trained for every skill, and measured
+        assert final[skill] and "not trained" not in final[skill], (skill, final[skill])
+    first_column = {s: cells[0] for (s, _), cells in rows.items()}
+    assert first_column["image"] != "not trained" and first_column["text"] == "not trained"    # image pretraining
+    for name in ("reconstructions", "lines", "qa", "trajectories", "curves"):
+        assert (out / "report" / f"6_rl_grpo_{name}.png").stat().st_size > 1000, name
+
+    # a third run finds every stage finished and only writes the report again
+    third = curriculum(out)
+    log = third.communicate(timeout=300)[0]
+    assert third.returncode == 0 and all(f"skip {s}" in log for s in STAGES)
+
+
+def small_checkpoint(path, stage, skills, tokenizer=None, heldout=None):
+    """A checkpoint of an untrained small brain, as a stage writes it, listing the skills it claims."""
+    torch.manual_seed(0)
+    cfg = core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2,
+                           vocab=tokenizer.vocab if tokenizer else 300)
+    brain = core.Brain(cfg)
+    core.atomic_save({"format": core.FORMAT, "stage": stage, "batch": 5, "config": dataclasses.asdict(cfg),
+                      "model": brain.state_dict(), "tokenizer": tokenizer.to_json() if tokenizer else None,
+                      "skills": skills, "heldout_text": heldout, "metrics": {}, "args": {}}, str(path))
+    return path
+
+
+def test_eval_reports_skills_a_checkpoint_lacks_as_not_trained_and_puts_two_side_by_side(tmp_path):
+    sentences = [f"The {a} {b} is near the {c}." for a in ("red", "old") for b in ("cat", "gold") for c in ("door", "wall")]
+    tokenizer = core.Tokenizer.train(sentences, 300)
+    image = small_checkpoint(tmp_path / "image.pt", "pretrain_image", ["image"])
+    text = small_checkpoint(tmp_path / "text.pt", "pretrain_text", ["text"], tokenizer, sentences[:4])
+    out = run_script("eval.py", image, text, "--quick", "--device", "cpu", "--out", tmp_path / "report").stdout
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in out
+    rows = report_rows(tmp_path / "report" / "report.md")
+    assert rows["image", "held-out MSE"][1] == "not trained" and float(rows["image", "held-out MSE"][0]) > 0
+    loss = next(cells for (s, name), cells in rows.items() if s == "text" and name.startswith("held-out loss"))
+    assert loss[0] == "not trained" and float(loss[1]) > 0
+    for skill in ("line", "qa", "agent"):
+        assert [cells for (s, _), cells in rows.items() if s == skill] == [["not trained", "not trained"]]
+    assert (tmp_path / "report" / "1_pretrain_image_reconstructions.png").exists()
+    assert not (tmp_path / "report" / "2_pretrain_text_reconstructions.png").exists()
+
+
+def test_eval_says_clearly_what_is_wrong_with_a_checkpoint(tmp_path):
+    missing = run_script("eval.py", tmp_path / "nope.pt", "--out", tmp_path / "r", check=False)
+    assert missing.returncode == 2 and "nope.pt" in missing.stderr and "Traceback" not in missing.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    junk = run_script("eval.py", tmp_path / "junk.pt", "--out", tmp_path / "r", check=False)
+    assert junk.returncode == 2 and "junk.pt" in junk.stderr and "Traceback" not in junk.stderr
+    empty = run_script("eval.py", tmp_path, "--out", tmp_path / "r", check=False)       # a folder with no checkpoint
+    assert empty.returncode == 2 and "no valid checkpoint" in empty.stderr
