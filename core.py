@@ -724,6 +724,7 @@ class Rollout:
     text: torch.Tensor      # (B, seq_len) <s> then one token per step (an action, or </s>)
     taken: torch.Tensor     # (B, T) bool: episode b took a step at t
     logprobs: torch.Tensor  # (B, T) log-prob of the token under the sampling policy (0 for oracle / random)
+    labels: torch.Tensor    # (B, T) the oracle's action token for the state of each step, whatever was taken
     success: torch.Tensor   # (B,) bool: the gold was reached
     steps: torch.Tensor     # (B,) steps taken
 
@@ -744,7 +745,8 @@ def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_le
     lengths = torch.ones(B, dtype=torch.long, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     success = torch.zeros(B, dtype=torch.bool, device=device)
-    taken, logprobs, states = [], [], []
+    taken, logprobs, labels, states = [], [], [], []
+    action_tokens = torch.tensor(ACTION_TOKENS, device=device)
     rows = torch.arange(B, device=device)
     policy_tokens = torch.tensor(POLICY_TOKENS, device=device)
     token_action = torch.full((len(SPECIALS),), game.NOOP, dtype=torch.long, device=device)
@@ -753,6 +755,7 @@ def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_le
         if not active.any():
             break
         states.append(env.to_settings())
+        labels.append(action_tokens[env.oracle_actions(backward)])
         logp = torch.zeros(B, device=device)
         if policy in ("sample", "greedy"):
             with torch.no_grad():
@@ -763,7 +766,7 @@ def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_le
                 text, _, logp, _, _ = brain.extend(text, lengths, ctx, temperature, POLICY_TOKENS, generator,
                                                    active, greedy=policy == "greedy")
         elif policy == "oracle":
-            text[rows, lengths] = torch.tensor(ACTION_TOKENS, device=device)[env.oracle_actions(backward)]
+            text[rows, lengths] = labels[-1]
         elif policy == "random":
             pick = torch.randint(len(POLICY_ACTIONS), (B,), generator=generator, device=device)
             text[rows, lengths] = policy_tokens[pick]
@@ -778,21 +781,23 @@ def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_le
         lengths = lengths + active.long()
         success |= active & (reward > 0)
         active = active & (token != EOS) & (reward == 0)
-    taken = torch.stack(taken, 1) if taken else torch.zeros(B, 0, dtype=torch.bool, device=device)
-    logprobs = torch.stack(logprobs, 1) if logprobs else torch.zeros(B, 0, device=device)
-    return Rollout(states, text, taken, logprobs, success, taken.sum(1))
+    stack = lambda xs, dtype: torch.stack(xs, 1) if xs else torch.zeros(B, 0, dtype=dtype, device=device)
+    taken = stack(taken, torch.bool)
+    return Rollout(states, text, taken, stack(logprobs, torch.float), stack(labels, torch.long), success, taken.sum(1))
 
 
-def score_actions(brain, states, text, steps, size, temperature=1.0):
+def score_actions(brain, states, text, steps, size, temperature=1.0, targets=None):
     """Log-prob and entropy of the token each step chose, read causally: step t's token text[b, t+1] from the
     logits at position t, with the frame of step t as context. states: the Settings of each (b, t) pair;
-    text: (N, seq_len) each pair's episode text; steps: (N,) t."""
+    text: (N, seq_len) each pair's episode text; steps: (N,) t; targets: (N,) tokens to score instead of the
+    ones taken (e.g. the oracle's labels of the states the brain itself visited)."""
     frames = game.render(states, size, text.device)
     # causal: tokens after the longest step are not needed
     logits = brain.text_logits(text[:, : int(steps.max()) + 1], brain.image_context(frames), steps)
     rows = torch.arange(len(steps), device=text.device)
     logp, entropy = brain._dist(logits, temperature, POLICY_TOKENS)
-    return logp.gather(1, text[rows, steps + 1][:, None]).squeeze(1), entropy
+    targets = text[rows, steps + 1] if targets is None else targets
+    return logp.gather(1, targets[:, None]).squeeze(1), entropy
 
 
 def agent_scenes(offset, n, salt=0):
@@ -1333,7 +1338,7 @@ def add_forgetting_args(parser):
                         help="image-pretraining frames per batch for the plain reconstruction loss")
     parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text model's own loss")
     parser.add_argument("--text-batch", type=int, default=32, help="sentences per batch for it")
-    parser.add_argument("--replay-sentences", type=int, default=2048,
+    parser.add_argument("--replay-sentences", type=int, default=1024,
                         help="sentences the text model writes at the start, for its own loss")
     parser.add_argument("--eval-frames", type=int, default=256,
                         help="held-out image-pretraining frames and text-model sentences that measure forgetting")
@@ -1381,7 +1386,7 @@ QA_FAMILIES = {
                               "On which side of the agent is the gold, left or right?",
                               "Where is the gold, left or right of the agent?",
                               "Left or right: where is the gold compared to you?"],
-                       heldout=["Looking at the screen, is the gold to the left or the right of the green agent?",
+                       heldout=["On the screen, is the gold left or right of the green agent?",
                                 "Does the gold lie left or right of you?"]),
         answers={"left": dict(train=["Left.", "It's on the left.", "The gold is on the left."],
                               heldout=["The gold lies to the left."]),
@@ -1396,7 +1401,7 @@ QA_FAMILIES = {
                               "Is the gold up or down from you?",
                               "Where is the gold, above the agent or below it?",
                               "Above or below: where is the gold compared to you?"],
-                       heldout=["Looking at the screen, is the gold above or below the green agent?",
+                       heldout=["On the screen, is the gold above or below the green agent?",
                                 "Does the gold lie higher up or lower down than you?"]),
         answers={"above": dict(train=["Above.", "It's above.", "The gold is above."], heldout=["The gold lies up."]),
                  "below": dict(train=["Below.", "It's below.", "The gold is below."],
@@ -1410,7 +1415,7 @@ QA_FAMILIES = {
                               "On which side of the gold is the agent, left or right?",
                               "Where are you, left or right of the gold?",
                               "Left or right: where are you compared to the gold?"],
-                       heldout=["Looking at the screen, is the green agent to the left or the right of the gold?",
+                       heldout=["On the screen, is the green agent left or right of the gold?",
                                 "Do you stand left or right of the gold?"]),
         answers={"left": dict(train=["I am on the left.", "I'm to the left of it.", "The agent is on the left."],
                               heldout=["You stand to the left."]),
@@ -1425,7 +1430,7 @@ QA_FAMILIES = {
                               "Are you up or down from the gold?",
                               "Where are you, above the gold or below it?",
                               "Above or below: where are you compared to the gold?"],
-                       heldout=["Looking at the screen, is the green agent above or below the gold?",
+                       heldout=["On the screen, is the green agent above or below the gold?",
                                 "Do you stand higher up or lower down than the gold?"]),
         answers={"above": dict(train=["I am above.", "I'm above it.", "The agent is above."],
                                heldout=["You stand higher up."]),
@@ -1441,7 +1446,7 @@ QA_FAMILIES = {
                               "Turn left or right: which brings the gold in front of you?",
                               "Left or right, which way do you turn towards the gold?"],
                        heldout=["Which direction of turning points you at the gold quicker, left or right?",
-                                "If you want to see the gold in front of you, do you rotate left or right?"]),
+                                "To see the gold in front of you, do you rotate left or right?"]),
         answers={"left": dict(train=["Turn left.", "Go left.", "I should turn left."], heldout=["Rotate left."]),
                  "right": dict(train=["Turn right.", "Go right.", "I should turn right."],
                                heldout=["Rotate right."])}),

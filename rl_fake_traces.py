@@ -22,6 +22,8 @@ def main(argv=None):
     parser.add_argument("--max-agent-offset", type=float, default=0.3,
                         help="gold within this box half-width around the agent; training draws offsets up to it")
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
+    parser.add_argument("--dagger", type=float, default=0.5,
+                        help="share of each batch's scenes played by the brain itself and labelled by the oracle")
     parser.add_argument("--text-file", default=None,
                         help="plain text, one sentence per line: mix the next-token loss on it in, to keep language")
     parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text loss (with --text-file)")
@@ -49,10 +51,20 @@ def main(argv=None):
         with run.timing("data"):
             offsets = rng.uniform(0.05, args.max_agent_offset, args.batch_size)
             scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in offsets]
-            trace = core.rollout(scenes, "oracle", size, run.device, seq_len=seq_len, backward=args.oracle_backward)
-            states, episode, step = trace.flat()
+            n_self = round(args.dagger * len(scenes))
+            # oracle traces, and (DAgger) the brain's own episodes with the oracle's action for every state it
+            # met: imitating oracle traces alone lets the brain copy its previous action instead of looking
+            states, text, step, targets = [], [], [], []
+            for policy, part in (("oracle", scenes[n_self:]), ("sample", scenes[:n_self])):
+                if part:
+                    trace = core.rollout(part, policy, size, run.device, seq_len=seq_len, brain=brain,
+                                         generator=run.torch_generator(), backward=args.oracle_backward)
+                    s, e, t = trace.flat()
+                    states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
+                                                   targets + [trace.labels[e, t]])
+            text, step, targets = torch.cat(text), torch.cat(step), torch.cat(targets)
         with run.autocast():
-            logp, entropy = core.score_actions(brain, states, trace.text[episode], step, size)
+            logp, entropy = core.score_actions(brain, states, text, step, size, targets=targets)
             loss = -logp.float().mean()
             if sentences is not None:
                 rows = torch.from_numpy(rng.integers(len(sentences), size=args.batch_size)).to(run.device)

@@ -58,7 +58,7 @@ def test_group_advantage_is_zero_without_spread_and_normalised_with_it():
 
 
 def test_returns_prefer_shorter_paths_and_only_success():
-    r = core.Rollout([], torch.zeros(3, 32), torch.zeros(3, 5), torch.zeros(3, 5),
+    r = core.Rollout([], torch.zeros(3, 32), torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5),
                      torch.tensor([True, True, False]), torch.tensor([4, 9, 2]))
     ret = rl_grpo.episode_returns(r, 0.97)
     assert ret[0] > ret[1] > ret[2] == 0
