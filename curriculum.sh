@@ -106,10 +106,16 @@ trap 'stop SIGINT' INT
 trap 'stop SIGTERM' TERM
 trap 'stop SIGHUP' HUP
 
-# Runs a command in the background (so a signal reaches the trap at once) with its output appended to the
-# log, and on a terminal also shown; returns its exit status.
+# Runs a command with its output appended to the log (and, on a terminal, shown); returns its exit status.
+# It runs in the background, so that a signal reaches the trap at once, and in its own session, so that
+# Ctrl-C reaches this script alone and the stage gets exactly one SIGTERM (a second would stop it unsaved).
+SETSID=$(command -v setsid || true)
 run_logged() {
-  if [ -t 1 ]; then "$@" > >(tee -a "$LOG") 2>&1 & else "$@" >> "$LOG" 2>&1 & fi
+  if [ -t 1 ]; then
+    $SETSID "$@" > >(trap '' INT TERM HUP; exec tee -a "$LOG") 2>&1 &
+  else
+    $SETSID "$@" >> "$LOG" 2>&1 &
+  fi
   CHILD=$!
   local status=0
   wait "$CHILD" || status=$?

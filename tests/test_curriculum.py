@@ -2,10 +2,12 @@
 checkpoints that lack skills, side by side, and on files that are not checkpoints."""
 import dataclasses
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -34,26 +36,61 @@ def report_rows(path):
     return rows
 
 
-def test_quick_curriculum_killed_and_run_again_teaches_every_skill_and_reports_it(tmp_path):
-    out = tmp_path / "curriculum"
-    # kill it once text pretraining has started (its train.log exists): the stage saves and stops
-    first = curriculum(out)
-    deadline = time.time() + 300
-    while not (out / "text" / "train.log").exists():
-        assert first.poll() is None and time.time() < deadline, first.stdout.read()
+def wait_for(path, proc, timeout=300):
+    """Wait until `path` exists (a stage has started: its Run made the folder's train.log), then a little more."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc_alive(proc) and time.time() < deadline, f"{path} never appeared"
         time.sleep(0.05)
     time.sleep(0.5)
+
+
+def proc_alive(proc):
+    return proc.poll() is None if hasattr(proc, "poll") else os.waitpid(proc, os.WNOHANG) == (0, 0)
+
+
+def ctrl_c_in_a_terminal(out, stage):
+    """Run curriculum.sh --quick in a terminal and press Ctrl-C once `stage` has started; returns its exit code."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execvpe("bash", ["bash", "curriculum.sh", "--quick", "--out-dir", str(out)],
+                   {**script_env(), "PYTHON": sys.executable})
+    threading.Thread(target=_drain, args=(fd,), daemon=True).start()     # the script never blocks on its terminal
+    wait_for(out / stage / "train.log", pid)
+    os.write(fd, b"\x03")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:                      # the terminal closed: the script ended
+        pass
+
+
+def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_reports_it(tmp_path):
+    out = tmp_path / "curriculum"
+    # `kill` (SIGTERM) while text pretraining runs: the stage saves a checkpoint and stops
+    first = curriculum(out)
+    wait_for(out / "text" / "train.log", first)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) != 0
     assert (out / "image" / "finished.json").exists() and not (out / "text" / "finished.json").exists()
-    assert list((out / "text").glob("pretrain_text_*_batch*.pt"))           # it saved before stopping
+    assert list((out / "text").glob("pretrain_text_*_batch*.pt"))
+    # Ctrl-C in a terminal while the line trick runs: the same, though the terminal signals the whole group
+    assert ctrl_c_in_a_terminal(out, "line") != 0
+    assert (out / "text" / "finished.json").exists() and not (out / "line" / "finished.json").exists()
+    assert "stopped by SIGTERM" in open(out / "line" / "train.log").read()
 
     again = curriculum(out)
     log = again.communicate(timeout=600)[0]
     assert again.returncode == 0, open(out / "curriculum.log").read()[-4000:]
-    assert "skip image" in log
-    assert re.search(r"stage text: .*pretrain_text\.py .*--resume", log)
+    assert "skip image" in log and "skip text" in log
+    assert re.search(r"stage line: .*trick_line\.py .*--resume", log)
     assert "resuming from" in open(out / "text" / "train.log").read()
+    assert "resuming from" in open(out / "line" / "train.log").read()
     assert all((out / s / "finished.json").exists() for s in STAGES)
     assert "Traceback" not in open(out / "curriculum.log").read()
 
