@@ -852,6 +852,7 @@ def stage_parser(description, **defaults):
                    help="start from earlier stages: each part from the checkpoint that trained it")
     r.add_argument("--seed", type=int, default=0, help="seed of every random thing in the run")
     r.add_argument("--steps", type=int, default=1000, help="batches to train in all")
+    r.add_argument("--time-limit", type=float, default=0, help="also stop after this many minutes of training (0: none)")
     r.add_argument("--batch-size", type=int, default=32, help="samples per batch (per process under torchrun)")
     r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every trained part")
     for part in PARTS:
@@ -1046,7 +1047,8 @@ class Run:
     # -- the loop
     def batches(self):
         """Batch numbers from where the run stands to --steps; stops cleanly after SIGTERM / Ctrl-C."""
-        while self.batch < self.args.steps and not self.stop_signal:
+        self.started = time.time()
+        while self.batch < self.args.steps and not self.stop_signal and not self.out_of_time():
             yield self.batch
         if self.last_saved != self.batch:
             self.save()
@@ -1117,6 +1119,13 @@ class Run:
 
     def due(self, every):
         return every > 0 and self.batch % every == 0
+
+    def out_of_time(self):
+        return self.args.time_limit > 0 and time.time() - self.started > 60 * self.args.time_limit
+
+    def final(self):
+        """The batch just taken is the run's last (--steps or --time-limit reached): time for a last evaluation."""
+        return self.batch >= self.args.steps or self.out_of_time()
 
     # -- logging and saving
     def log(self, message):
@@ -1345,20 +1354,24 @@ def add_forgetting_args(parser):
 
 
 def forgetting_baseline(run, brain, n_replay, n_heldout):
-    """Before a skill stage, from the --init-from brain: sentences its text model writes (n_replay to train
-    on, n_heldout to measure with) and the forgetting probe on them and on the image pretraining's held-out
-    frames. Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run trains on and
+    """Before a skill stage, from the --init-from brain: n_replay sentences its text model writes (to train
+    on), and the forgetting probe on n_heldout of the image pretraining's held-out frames and of the text
+    pretraining's held-out sentences (or, for a checkpoint that carries none, more sentences the text model
+    writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run trains on and
     compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
     frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0), run.device)
     if "replay" not in run.cursor:
         g = torch.Generator(device=run.device)
         g.manual_seed(run.args.seed)                  # the same sentences on every rank
-        bank = replay_sentences(brain, n_replay + n_heldout, g)
-        run.cursor.update(replay=bank[:n_replay], replay_heldout=bank[n_replay:],
-                          before=forgetting_probe(brain, frames, bank[n_replay:]))
-        run.log("before this stage: " + " | ".join(f"{k} {v:.4g}" for k, v in run.cursor["before"].items()))
+        heldout = run.heldout_text[:n_heldout] if run.heldout_text else []
+        bank = replay_sentences(brain, n_replay + n_heldout - len(heldout), g)
+        sentences = torch.cat([run.tokenizer.encode(heldout, brain.cfg.seq_len), bank[n_replay:]])
+        run.cursor.update(replay=bank[:n_replay], probe_sentences=sentences,
+                          before=forgetting_probe(brain, frames, sentences))
+        run.log(f"before this stage ({len(heldout)} held-out sentences of text pretraining): "
+                + " | ".join(f"{k} {v:.4g}" for k, v in run.cursor["before"].items()))
     c = run.cursor
-    return c["replay"].to(run.device), dict(frames=frames, sentences=c["replay_heldout"], before=c["before"])
+    return c["replay"].to(run.device), dict(frames=frames, sentences=c["probe_sentences"], before=c["before"])
 
 
 def forgetting(brain, probe):

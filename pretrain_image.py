@@ -47,7 +47,7 @@ def main(argv=None):
         loss = F.mse_loss(recon.float(), frames)
         run.step(loss)
         run.log_step({"loss": loss.item()}, samples=args.batch_size)
-        if run.due(args.eval_every) or run.batch == args.steps:
+        if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, heldout, png)
             run.save(metrics, metric=metrics["mse"])
         elif run.due(args.save_every):

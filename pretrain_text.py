@@ -403,7 +403,7 @@ def main(argv=None):
         loss = next_token_loss(logits, text)
         run.step(loss)
         run.log_step({"loss": loss.item()}, samples=args.batch_size)
-        if run.due(args.eval_every) or run.batch == args.steps:
+        if run.due(args.eval_every) or run.final():
             metrics, samples = evaluate(brain, tokenizer, heldout_ids, args.samples, run.torch_generator())
             for s in samples:
                 run.log(f"sample: {s}")

@@ -24,6 +24,8 @@ def main(argv=None):
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
     parser.add_argument("--dagger", type=float, default=0.5,
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
+    parser.add_argument("--dagger-actions", type=int, default=16,
+                        help="the brain's own episodes stop after this many actions (later states teach less)")
     parser.add_argument("--text-file", default=None,
                         help="plain text, one sentence per line: mix the next-token loss on it in, to keep language")
     parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text loss (with --text-file)")
@@ -57,7 +59,8 @@ def main(argv=None):
             states, text, step, targets = [], [], [], []
             for policy, part in (("oracle", scenes[n_self:]), ("sample", scenes[:n_self])):
                 if part:
-                    trace = core.rollout(part, policy, size, run.device, seq_len=seq_len, brain=brain,
+                    limit = args.dagger_actions if policy == "sample" else game.MAX_ACTIONS
+                    trace = core.rollout(part, policy, size, run.device, limit, seq_len, brain=brain,
                                          generator=run.torch_generator(), backward=args.oracle_backward)
                     s, e, t = trace.flat()
                     states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
@@ -75,7 +78,7 @@ def main(argv=None):
         run.step(loss)
         run.log_step({"loss": loss.item(), "oracle_action_prob": logp.exp().mean().item(),
                       "entropy": entropy.mean().item(), "actions": len(step)}, samples=len(step))
-        if run.due(args.eval_every) or run.batch == args.steps:
+        if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
             run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
                      if f"greedy_success@{args.max_agent_offset}" in metrics else None)

@@ -154,7 +154,7 @@ def main(argv=None):
                       "kl_ref": stats["kl_ref"], "zero_spread": zero_spread, "offset": offset,
                       "round_s": time.time() - t0, "rollout_steps_per_s": played.steps.sum().item() / rollout_s,
                       "rss_mb": core.rss_mb()}, samples=len(played.success))
-        if run.due(args.eval_every) or run.batch == args.steps:
+        if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, device, eval_offsets, args.eval_scenes)
             run.save(metrics, metric=metrics.get(target))
         elif run.due(args.save_every):

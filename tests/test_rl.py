@@ -100,7 +100,9 @@ def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
 
 
 def test_memory_stays_flat_across_rounds(tmp_path):
-    run_script("rl_grpo.py", *rl_args(tmp_path, 60, "--group-size", 2, "--save-every", 0, "--eval-every", 0))
+    run_script("rl_grpo.py", *rl_args(tmp_path, 80, "--group-size", 2, "--save-every", 0, "--eval-every", 0))
     rss = [json.loads(l)["rss_mb"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
-    assert len(rss) == 60
-    assert rss[-1] - rss[14] < 25, rss          # after warm-up, 45 more rounds add less than 25 MiB
+    assert len(rss) == 80
+    # after warm-up the allocator still settles by a few MiB now and then (rounds differ in size); a leak of
+    # each round's rollout or graph (the original's) grows by more than 1 MiB a round here
+    assert rss[-1] - rss[19] < 40, rss
