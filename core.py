@@ -1553,19 +1553,20 @@ def qa_prompts(tokenizer, questions, seq_len):
 
 @torch.no_grad()
 def qa_answers(brain, tokenizer, scenes, phrasings="heldout", chunk=128):
-    """The brain's greedy answer to each family's questions about its scenes (phrasings used in turn):
-    {family: [{question, answer, label, parsed, correct}]}."""
+    """The brain's greedy answer to every question phrasing of each family about each of its scenes:
+    {family: [{question, answer, label, parsed, correct}]}. Every scene is asked every phrasing: cycling
+    phrasings over scenes whose labels alternate would tie each phrasing to one label, and a brain that
+    answered by the phrasing alone would look perfect."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     out = {}
     for family, settings in scenes.items():
-        pool = QA_FAMILIES[family]["questions"][phrasings]
+        pairs = [(q, s) for s in settings for q in QA_FAMILIES[family]["questions"][phrasings]]
         records = []
-        for i in range(0, len(settings), chunk):
-            part = settings[i: i + chunk]
-            questions = [pool[(i + j) % len(pool)] for j in range(len(part))]
+        for i in range(0, len(pairs), chunk):
+            questions, part = zip(*pairs[i: i + chunk])
             text, lengths = qa_prompts(tokenizer, questions, cfg.seq_len)
             text, lengths = text.to(device), lengths.to(device)
-            ctx = brain.image_context(game.render(part, cfg.img_size, device))
+            ctx = brain.image_context(game.render(list(part), cfg.img_size, device))
             done, _ = brain.greedy(text, lengths, ctx, cfg.seq_len - int(lengths.min()))
             for j, s in enumerate(part):
                 answer = tokenizer.decode(done[j, int(lengths[j]):])

@@ -102,7 +102,7 @@ def main(argv=None):
         run.step(loss)
         run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": plain_loss.item(),
                       "text": text_loss.item()}, samples=B)
-        if run.due(args.eval_every) or run.batch == args.steps:
+        if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, tokenizer, scenes, controls, probe, png)
             run.save(metrics, metric=metrics["line_iou"])
         elif run.due(args.save_every):

@@ -10,7 +10,7 @@ import core
 import game
 import pretrain_text
 from conftest import kill_when, run_script
-from pretrained import SKILL_ARGS, pretrain
+from pretrained import SKILL_ARGS, pretrain, skill_sentences
 
 UP, DOWN, LEFTWARD, RIGHTWARD = 3 * math.pi / 2, math.pi / 2, math.pi, 0.0     # headings on screen (y down)
 
@@ -81,6 +81,22 @@ def test_scenes_are_balanced_so_chance_is_one_half():
     scenes = core.qa_scenes(6, 0)
     assert core.qa_chance(scenes) == {family: 0.5 for family in core.QA_FAMILIES}
     assert core.qa_scenes(6, 0)["ahead"][0] == scenes["ahead"][0]          # reproducible by seed
+
+
+def test_every_scene_is_asked_every_held_back_phrasing():
+    """Cycling phrasings over scenes whose labels alternate would tie each phrasing to one label, and a brain
+    answering by the phrasing alone would look perfect; so each scene is asked each phrasing."""
+    tokenizer = core.Tokenizer.train(skill_sentences(), 600)
+    cfg = core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2,
+                           vocab=tokenizer.vocab)
+    scenes = core.qa_scenes(2, 0, families=["gold_left_right", "ahead"])
+    answers = core.qa_answers(core.Brain(cfg).eval(), tokenizer, scenes, "heldout")
+    for family, records in answers.items():
+        asked = {(r["question"], r["label"]) for r in records}
+        labels = core.QA_FAMILIES[family]["answers"]
+        assert len(records) == 2 * len(core.QA_FAMILIES[family]["questions"]["heldout"])
+        assert asked == {(q, label) for q in core.QA_FAMILIES[family]["questions"]["heldout"] for label in labels}
+        assert all(set(r) == {"question", "answer", "label", "parsed", "correct"} for r in records)
 
 
 @pytest.fixture(scope="module")
