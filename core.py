@@ -894,6 +894,42 @@ def pick_device(args, local_rank=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def batch_rng(seed, rank, batch):
+    """The numpy generator of one training batch: a function of (seed, rank, batch) alone, so a resumed run
+    and any number of data workers draw exactly the same data."""
+    return np.random.default_rng([0, seed, rank, batch])
+
+
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+class Prefetcher:
+    """Makes the data of the next batches in worker processes while the device trains on this one.
+    fn(batch) must depend on the batch number alone (see batch_rng), so the data never depends on workers."""
+
+    def __init__(self, fn, workers, ahead=4):
+        self.fn, self.ahead, self.pending = fn, ahead, {}
+        self.pool = None
+        if workers > 0:
+            import multiprocessing
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread)
+
+    def get(self, batch):
+        if self.pool is None:
+            return self.fn(batch)
+        for b in range(batch, batch + self.ahead):
+            if b not in self.pending:
+                self.pending[b] = self.pool.apply_async(self.fn, (b,))
+        for b in [b for b in self.pending if b < batch]:       # a rollback or resume moved the cursor
+            del self.pending[b]
+        return self.pending.pop(batch).get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+
+
 def lr_factor(batch, warmup, steps, min_frac):
     """Linear warm-up, then cosine decay to min_frac; a function of the batch number alone, so resume is exact."""
     if batch < warmup:
@@ -1023,7 +1059,7 @@ class Run:
     # -- data helpers
     def rng(self, batch=None):
         """The numpy generator of one training batch: a function of (seed, rank, batch), so resume replays nothing."""
-        return np.random.default_rng([0, self.args.seed, self.rank, self.batch if batch is None else batch])
+        return batch_rng(self.args.seed, self.rank, self.batch if batch is None else batch)
 
     def torch_generator(self, batch=None):
         g = torch.Generator(device=self.device)

@@ -89,3 +89,10 @@ def test_a_run_folder_of_another_stage_is_refused(tmp_path, corpus):
     other = run_script("pretrain_text.py", *stage_args("pretrain_text.py", tmp_path, 2, ["--corpus", corpus]), check=False)
     assert other.returncode == 2 and "another stage" in other.stderr
     assert len(glob.glob(str(tmp_path / "pretrain_image_*batch*.pt"))) == 1      # nothing was touched
+
+
+def test_image_data_workers_draw_exactly_the_same_batches(tmp_path):
+    run_script("pretrain_image.py", *stage_args("pretrain_image.py", tmp_path / "inline", 4, ["--workers", 0]))
+    run_script("pretrain_image.py", *stage_args("pretrain_image.py", tmp_path / "workers", 4, ["--workers", 2]))
+    a, b = weights(tmp_path / "inline"), weights(tmp_path / "workers")
+    assert all(torch.equal(a[k], b[k]) for k in a)
