@@ -880,18 +880,19 @@ def stage_parser(description, **defaults):
 
 
 def pick_device(args, local_rank=None):
-    if args.gpu is not None or (args.device or "").startswith("cuda") or local_rank is not None and torch.cuda.is_available():
-        index = args.gpu if args.gpu is not None else local_rank
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if args.device and ":" in args.device and index is None:
-            index = int(args.device.split(":")[1])
-        index = index or 0
-        if index >= n:
-            raise UsageError(f"--gpu {index}: there is no such GPU (this machine has {n} CUDA device{'s' * (n != 1)})")
-        return torch.device("cuda", index)
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device, or --gpu N, or under torchrun the process's own GPU; cuda when present, else the CPU."""
+    want = "cuda" if args.gpu is not None else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(want)
+    except RuntimeError:
+        raise UsageError(f"--device {want!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type != "cuda":
+        return device
+    index = args.gpu if args.gpu is not None else device.index if device.index is not None else (local_rank or 0)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= n:
+        raise UsageError(f"--gpu {index}: there is no such GPU (this machine has {n} CUDA device{'s' * (n != 1)})")
+    return torch.device("cuda", index)
 
 
 def batch_rng(seed, rank, batch):

@@ -37,6 +37,9 @@ def make_scenes(batch, n, seed, rank):
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=3000, batch_size=40, lr=1e-3, eval_every=250, save_every=250)
     parser.add_argument("--eval-frames", type=int, default=256, help="held-out frames in each evaluation")
+    parser.add_argument("--object-weight", type=float, default=10.0,
+                        help="loss weight of pixels that are not background: the gold and the eye are a few pixels "
+                             "of a frame, and a plain MSE learns to blur them away")
     parser.add_argument("--workers", type=int, default=-1,
                         help="processes drawing the next batches' scenes while the GPU trains (-1: 4 on a GPU, 0 on a CPU)")
     args = parser.parse_args(argv)
@@ -55,7 +58,8 @@ def main(argv=None):
             frames = game.render(settings, size, run.device, torch.from_numpy(zoom), torch.from_numpy(centers))
         with run.autocast():
             recon = brain.img_autoencoder(frames)
-        loss = F.mse_loss(recon.float(), frames)
+        weight = 1 + (args.object_weight - 1) * (frames < 0.99).any(1, keepdim=True)
+        loss = (weight * (recon.float() - frames) ** 2).mean() / weight.mean()
         run.step(loss)
         run.log_step({"loss": loss.item()}, samples=args.batch_size)
         if run.due(args.eval_every) or run.final():

@@ -277,6 +277,8 @@ def test_non_finite_losses_are_skipped_then_rolled_back(tmp_path):
 def test_clear_errors_not_tracebacks(tmp_path):
     bad = run_toy(tmp_path, "--gpu", "3", check=False)
     assert bad.returncode == 2 and "--gpu 3: there is no such GPU" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_toy(tmp_path, "--device", "quantum", check=False)
+    assert bad.returncode == 2 and "'quantum' is not a device" in bad.stderr
     bad = run_toy(tmp_path, "--init-from", str(tmp_path / "nope.pt"), check=False)
     assert bad.returncode == 2 and "no checkpoint at" in bad.stderr
     (tmp_path / "notckpt.pt").write_text("hello")
