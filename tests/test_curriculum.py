@@ -103,7 +103,7 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     first_column = {s: cells[0] for (s, _), cells in rows.items()}
     assert first_column["image"] != "not trained" and first_column["text"] == "not trained"    # image pretraining
     for name in ("reconstructions", "lines", "qa", "trajectories", "curves"):
-        assert (out / "report" / f"6_rl_grpo_{name}.png").stat().st_size > 1000, name
+        assert (out / "report" / f"5_rl_grpo_{name}.png").stat().st_size > 1000, name
 
     # a third run finds every stage finished and only writes the report again
     third = curriculum(out)
