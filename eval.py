@@ -22,6 +22,7 @@ what it made the brain forget) and PNGs: reconstructions, lines, QA answers, age
 curves from the metrics.jsonl of the checkpoint's run and of the runs it started from (--init-from).
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -47,17 +48,20 @@ PICTURE_PX = 192     # scenes in the QA and trajectory pictures are drawn this l
 
 
 class Checkpoint:
-    """A checkpoint on the device: the brain, its tokenizer, the skills it was trained for."""
+    """A checkpoint's brain (on the CPU until measured), tokenizer, skills and metadata; the optimizer state
+    and the rest of what resuming needs are dropped (a base checkpoint's optimizer is twice its weights)."""
 
     def __init__(self, spec, device):
         self.path = core.resolve_checkpoint(spec)
         self.ckpt = core.load_checkpoint(self.path)
         try:
             self.brain = core.Brain(core.BrainConfig(**self.ckpt["config"]))
-            self.brain.load_state_dict(self.ckpt["model"])
+            self.brain.load_state_dict(self.ckpt.pop("model"))
         except (KeyError, TypeError, RuntimeError) as e:
             raise core.CheckpointError(f"{self.path}: its weights do not fit its config ({type(e).__name__})") from None
-        self.brain.to(device).eval()
+        for key in ("optimizer", "rng", "cursor"):
+            self.ckpt.pop(key, None)
+        self.brain.eval()
         self.tokenizer = core.Tokenizer.from_json(self.ckpt["tokenizer"]) if self.ckpt.get("tokenizer") else None
         stage = self.ckpt.get("stage")
         self.skills = set(self.ckpt.get("skills") or [core.STAGE_SKILLS.get(stage)])
@@ -208,27 +212,31 @@ def draw_trajectories(brain, size, device, offset, path, n=8):
             if len(points) > 1:
                 draw.line(points, fill=colour, width=2)
         r = paths["greedy"]
-        said = f"reached in {int(r.steps[b])}" if r.success[b] else "missed"
+        said = f"reached in {int(r.steps[b])}" if r.success[b] else f"missed ({int(r.steps[b])} actions)"
         draw.text((b * px + 4, px + 3), f"brain: {said}", fill=(0, 130, 0) if r.success[b] else (200, 0, 0), font=font)
     sheet.save(path)
 
 
-def lineage(path, seen=None):
-    """Run folders of this checkpoint and of the checkpoints it started from, earliest first (those still here)."""
-    seen = seen if seen is not None else []
+def lineage(path, folders=None, visited=None):
+    """Run folders of this checkpoint and of the checkpoints it started from (--init-from), earliest first;
+    those no longer on this machine are left out. Checkpoints are memory-mapped: only their arguments are read."""
+    folders, visited = ([], set()) if folders is None else (folders, visited)
+    if path in visited:
+        return folders
+    visited.add(path)
     try:
-        ckpt = core.load_checkpoint(path)
-    except core.CheckpointError:
-        return seen
-    for parent in (ckpt.get("args") or {}).get("init_from") or []:
+        args = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args") or {}
+    except Exception:                  # gone, or not a checkpoint: no curves from it
+        return folders
+    for parent in args.get("init_from") or []:
         try:
-            lineage(core.resolve_checkpoint(parent), seen)
+            lineage(os.path.abspath(core.resolve_checkpoint(parent)), folders, visited)
         except core.CheckpointError:
             pass
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder not in seen:
-        seen.append(folder)
-    return seen
+    folder = os.path.dirname(path)
+    if folder not in folders:
+        folders.append(folder)
+    return folders
 
 
 def read_metrics(folder):
@@ -250,7 +258,7 @@ def draw_curves(path, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = []
-    for folder in lineage(path):
+    for folder in lineage(os.path.abspath(path)):
         records = read_metrics(folder)
         stage = next((core.parse_checkpoint_name(p)[0] for p in sorted(os.listdir(folder))
                       if core.parse_checkpoint_name(p)), os.path.basename(folder))
@@ -299,16 +307,18 @@ def fmt(value, kind):
 def evaluate(c, sizes, prefix, log=print):
     """{skill: [(figure, cell text)] or None (not trained)}, text samples, pictures written."""
     results, samples = {}, None
+    c.brain.to(c.device)
     for skill in SKILLS:
         if skill not in c.skills:
             results[skill] = None
             continue
-        log(f"{c.label}: measuring {skill}")
+        log(f"{c.label}: measuring {skill}", flush=True)
         with torch.no_grad():
             torch.manual_seed(0)
             rows, extra = MEASURES[skill](c, sizes, prefix)
         results[skill] = [(name, fmt(v, kind)) for name, v, kind in rows]
         samples = extra if skill == "text" else samples
+    c.brain.cpu()                      # one brain on the device at a time
     results["forgetting"] = [(name, fmt(v, kind)) for name, v, kind in forgetting_figures(c)]
     return results, samples
 
@@ -355,6 +365,8 @@ def main(argv=None):
     for i, c in enumerate(checkpoints, 1):
         label = f"{i}: {c.label}" if len(checkpoints) > 1 else c.label
         prefix = os.path.join(args.out, f"{i}_{c.ckpt.get('stage')}_")
+        for old in glob.glob(glob.escape(prefix) + "*.png"):      # pictures of an earlier report in this folder
+            os.remove(old)
         results, samples = evaluate(c, sizes, prefix)
         labels.append(label)
         columns.append(results)
