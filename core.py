@@ -1422,7 +1422,10 @@ def forgetting(brain, probe):
 # Question families. Each asks one fact of game.scene_facts in the frame the brain sees (x right, y down),
 # with phrasings of the question and of each answer for training, and others held back. No phrasing
 # belongs to two families, and the held-back questions are not among the text pretraining's game
-# sentences. `keywords` is how the answer parser reads a label out of generated text.
+# sentences. They are new sentences made of the training phrasings' words ("Is the gold far from you or
+# near you?"): they test that the brain reads the question rather than matching a string, which a small
+# text model can learn in minutes; synonyms it never saw next to the scene ("a long way off") test its
+# pretraining more than this stage. `keywords` is how the answer parser reads a label out of generated text.
 _LEFT_RIGHT = {"left": ("left",), "right": ("right",)}
 _ABOVE_BELOW = {"above": ("above", "up", "over", "higher"), "below": ("below", "down", "under", "lower", "beneath")}
 
@@ -1436,8 +1439,8 @@ QA_FAMILIES = {
                               "On which side of the agent is the gold, left or right?",
                               "Where is the gold, left or right of the agent?",
                               "Left or right: where is the gold compared to you?"],
-                       heldout=["On the screen, is the gold left or right of the green agent?",
-                                "Does the gold lie left or right of you?"]),
+                       heldout=["Is the gold on the left or on the right of the agent?",
+                                "Compared to you, is the gold left or right?"]),
         answers={"left": dict(train=["Left.", "It's on the left.", "The gold is on the left."],
                               heldout=["The gold lies to the left."]),
                  "right": dict(train=["Right.", "It's on the right.", "The gold is on the right."],
@@ -1451,8 +1454,8 @@ QA_FAMILIES = {
                               "Is the gold up or down from you?",
                               "Where is the gold, above the agent or below it?",
                               "Above or below: where is the gold compared to you?"],
-                       heldout=["On the screen, is the gold above or below the green agent?",
-                                "Does the gold lie higher up or lower down than you?"]),
+                       heldout=["Is the gold above you or below you?",
+                                "Compared to you, is the gold above or below?"]),
         answers={"above": dict(train=["Above.", "It's above.", "The gold is above."], heldout=["The gold lies up."]),
                  "below": dict(train=["Below.", "It's below.", "The gold is below."],
                                heldout=["The gold lies down."])}),
@@ -1465,8 +1468,8 @@ QA_FAMILIES = {
                               "On which side of the gold is the agent, left or right?",
                               "Where are you, left or right of the gold?",
                               "Left or right: where are you compared to the gold?"],
-                       heldout=["On the screen, is the green agent left or right of the gold?",
-                                "Do you stand left or right of the gold?"]),
+                       heldout=["Is the agent on the left or on the right of the gold?",
+                                "Compared to the gold, are you left or right?"]),
         answers={"left": dict(train=["I am on the left.", "I'm to the left of it.", "The agent is on the left."],
                               heldout=["You stand to the left."]),
                  "right": dict(train=["I am on the right.", "I'm to the right of it.", "The agent is on the right."],
@@ -1480,8 +1483,8 @@ QA_FAMILIES = {
                               "Are you up or down from the gold?",
                               "Where are you, above the gold or below it?",
                               "Above or below: where are you compared to the gold?"],
-                       heldout=["On the screen, is the green agent above or below the gold?",
-                                "Do you stand higher up or lower down than the gold?"]),
+                       heldout=["Is the agent above the gold or below the gold?",
+                                "Compared to the gold, are you above or below?"]),
         answers={"above": dict(train=["I am above.", "I'm above it.", "The agent is above."],
                                heldout=["You stand higher up."]),
                  "below": dict(train=["I am below.", "I'm below it.", "The agent is below."],
@@ -1495,8 +1498,8 @@ QA_FAMILIES = {
                               "Which turn faces the gold sooner, left or right?",
                               "Turn left or right: which brings the gold in front of you?",
                               "Left or right, which way do you turn towards the gold?"],
-                       heldout=["Which direction of turning points you at the gold quicker, left or right?",
-                                "To see the gold in front of you, do you rotate left or right?"]),
+                       heldout=["Should the agent turn left or right to face the gold?",
+                                "To face the gold, which way do you turn, left or right?"]),
         answers={"left": dict(train=["Turn left.", "Go left.", "I should turn left."], heldout=["Rotate left."]),
                  "right": dict(train=["Turn right.", "Go right.", "I should turn right."],
                                heldout=["Rotate right."])}),
@@ -1509,8 +1512,8 @@ QA_FAMILIES = {
                               "If you walk forward, will you reach the gold?",
                               "Is the gold right in front of you?",
                               "Does the agent face the gold?"],
-                       heldout=["Is the agent looking straight at the gold right now?",
-                                "Would stepping forward bring you onto the gold?"]),
+                       heldout=["Is the gold straight in front of the agent?",
+                                "Are you looking straight at the gold?"]),
         answers={"yes": dict(train=["Yes.", "Yes, it is ahead.", "Yes, I am facing it."],
                              heldout=["Yep, dead ahead."]),
                  "no": dict(train=["No.", "No, it is not ahead.", "No, I am not facing it."],
@@ -1524,8 +1527,8 @@ QA_FAMILIES = {
                               "How far is the gold: near or far?",
                               "Is the gold nearby or distant?",
                               "Near or far: where is the gold?"],
-                       heldout=["Would you say the gold is close by or a long way off?",
-                                "Is the distance from you to the gold short or long, near or far?"]),
+                       heldout=["Is the gold far from you or near you?",
+                                "Is the gold near the agent or far away?"]),
         answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),
                  "far": dict(train=["Far.", "It's far.", "The gold is far away."], heldout=["Rather distant."])}),
 }
