@@ -22,7 +22,7 @@ TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
 TINY_line=(--steps 300 --time-limit 3.5 --eval-every 150 --save-every 150)
-TINY_qa=(--steps 280 --time-limit 5.5 --eval-every 140 --save-every 140 --eval-scenes 50)
+TINY_qa=(--steps 280 --time-limit 5.5 --eval-every 140 --save-every 140 --eval-scenes 50 --family-every 40)
 TINY_imitation=(--steps 160 --time-limit 6 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
@@ -35,10 +35,12 @@ QUICK_image=(--steps 8 --batch-size 8 --eval-every 8 --save-every 8 --eval-frame
 QUICK_text=(--steps 8 --batch-size 16 --eval-every 8 --save-every 8 --samples 1)
 QUICK_line=(--steps 4 --batch-size 8 --eval-every 4 --save-every 4 --eval-scenes 8 --eval-frames 8
             --replay-sentences 32 --plain-batch 4 --text-batch 8)
-QUICK_qa=(--steps 4 --batch-size 14 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
+QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
           --replay-sentences 32 --plain-batch 4 --text-batch 8)
-QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3)
-QUICK_grpo=(--steps 2 --batch-size 2 --group-size 2 --eval-every 2 --save-every 2 --eval-scenes 4 --eval-offsets 0.3)
+QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3
+                 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_grpo=(--steps 2 --batch-size 2 --group-size 2 --eval-every 2 --save-every 2 --eval-scenes 4 --eval-offsets 0.3
+            --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 
 # Any other preset (--preset small / base): the stages' own defaults, which are budgets for a GPU.
 FULL_COMMON=()
@@ -50,15 +52,15 @@ FULL_imitation=()
 FULL_grpo=()
 
 # The stages: folder name, script, and the folders (under --out-dir) whose best checkpoints it starts from.
-# rl_grpo also names the QA brain: the imitation stage does not train img_dec, so its checkpoint does not
-# carry one, and init-from takes each part from the last checkpoint that trained it.
+# init-from takes each part from the last of them that trained it: the line trick trains the image parts
+# only and the QA tutorial leaves text_enc frozen, so the text pretraining is named again for those.
 STAGES=(
   "image     pretrain_image.py"
   "text      pretrain_text.py"
   "line      trick_line.py      image text"
-  "qa        tutorial_qa.py     line"
-  "imitation rl_fake_traces.py  qa"
-  "grpo      rl_grpo.py         qa imitation"
+  "qa        tutorial_qa.py     text line"
+  "imitation rl_fake_traces.py  text qa"
+  "grpo      rl_grpo.py         text qa imitation"
 )
 # eval.py compares these brains, one column each: the stages' best, so the table shows each skill appear
 # and what later stages made the brain forget (qa against grpo: what RL cost). The last is the final brain.

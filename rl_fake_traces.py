@@ -10,6 +10,7 @@ it, so its imitation loss went to ~0 while the agent learned nothing.
     python rl_fake_traces.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
     nohup python rl_fake_traces.py --preset base --gpu 0 --init-from ... &
 """
+import numpy as np
 import torch
 
 import core
@@ -26,27 +27,21 @@ def main(argv=None):
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
     parser.add_argument("--dagger-actions", type=int, default=16,
                         help="the brain's own episodes stop after this many actions (later states teach less)")
-    parser.add_argument("--text-file", default=None,
-                        help="plain text, one sentence per line: mix the next-token loss on it in, to keep language")
-    parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text loss (with --text-file)")
+    parser.add_argument("--actions-per-batch", type=int, default=128,
+                        help="actions scored per batch, drawn from the batch's episodes (0: all; each costs a frame "
+                             "through img_enc, and consecutive actions of one episode teach much the same)")
+    core.add_forgetting_args(parser)
     parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
     args = parser.parse_args(argv)
 
-    run = core.Run("rl_fake_traces", args, trains=["img_enc", "text_enc", "text_dec"], mode="max")
-    brain = run.build()
+    run = core.Run("rl_fake_traces", args, trains=core.AGENT_PARTS, mode="max")
+    brain = run.build(run.tokenizer)
     size, seq_len = run.cfg.img_size, run.cfg.seq_len
     if seq_len < game.MAX_ACTIONS + 1:
         raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
-    sentences = None
-    if args.text_file:
-        if run.tokenizer is None:
-            raise core.UsageError("--text-file needs a tokenizer: --init-from a pretrain_text checkpoint")
-        with open(args.text_file, encoding="utf-8", errors="replace") as f:
-            sentences = run.tokenizer.encode([line.strip() for line in f if line.strip()], seq_len).to(run.device)
-        if not len(sentences):
-            raise core.UsageError(f"{args.text_file} holds no sentences")
+    replay, probe = core.keeping_setup(run, brain, args)
 
     for batch in run.batches():
         rng = run.rng()
@@ -66,20 +61,23 @@ def main(argv=None):
                     states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
                                                    targets + [trace.labels[e, t]])
             text, step, targets = torch.cat(text), torch.cat(step), torch.cat(targets)
+            if 0 < args.actions_per_batch < len(step):
+                keep = np.sort(rng.choice(len(step), args.actions_per_batch, replace=False))
+                states, (text, step, targets) = [states[i] for i in keep], (x[torch.from_numpy(keep).to(x.device)]
+                                                                            for x in (text, step, targets))
         with run.autocast():
             logp, entropy = core.score_actions(brain, states, text, step, size, targets=targets)
-            loss = -logp.float().mean()
-            if sentences is not None:
-                rows = torch.from_numpy(rng.integers(len(sentences), size=args.batch_size)).to(run.device)
-                text = sentences[rows]
-                loss = loss + args.text_weight * torch.nn.functional.cross_entropy(
-                    brain.sentence_autoencoder(text)[:, :-1].flatten(0, 1).float(), text[:, 1:].flatten(),
-                    ignore_index=core.PAD)
+            imitation = -logp.float().mean()
+            keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
+        loss = imitation + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "oracle_action_prob": logp.exp().mean().item(),
+        run.log_step({"loss": loss.item(), "imitation": imitation.item(), "plain": plain_loss.item(),
+                      "text": text_loss.item(), "oracle_action_prob": logp.exp().mean().item(),
                       "entropy": entropy.mean().item(), "actions": len(step)}, samples=len(step))
         if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
+            if probe is not None:
+                metrics.update(core.forgetting(brain, probe))
             run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
                      if f"greedy_success@{args.max_agent_offset}" in metrics else None)
         elif run.due(args.save_every):

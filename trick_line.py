@@ -13,7 +13,11 @@ losses are mixed:
          makes a phantom line as costly as a missing one.
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
   text   next-token loss of the text model on sentences it wrote itself before this stage, x --text-weight
-         (no corpus needed: it pulls the text model back to the language it had).
+         (no corpus needed: it pulls the text model back to the language it had). Only when the text parts
+         train: by default they are frozen (--freeze text_enc text_dec; pass --freeze with no parts to train
+         them). The image decoder learns to read the prompts through the pretrained text features, and the
+         text model cannot forget. Trained, the text encoder drifted to fit the eight prompts: on this CPU
+         the held-back prompts stopped working and the text loss grew 2.7x in 1,000 batches, text loss or not.
 
 Forgetting is measured against the --init-from brain, before the first step: plain reconstruction MSE
 on the image pretraining's held-out frames and text loss on held-out sentences of the text model.
@@ -63,9 +67,9 @@ def main(argv=None):
     parser.add_argument("--line-weight", type=float, default=20.0, help="loss weight of line pixels against the rest")
     parser.add_argument("--control-share", type=float, default=0.25,
                         help="share of rows given an ordinary sentence, whose target is the frame unchanged")
-    parser.add_argument("--plain-weight", type=float, default=1.0, help="weight of the plain reconstruction loss")
     core.add_forgetting_args(parser)
     parser.add_argument("--eval-scenes", type=int, default=256, help="held-out bare scenes in each evaluation")
+    parser.set_defaults(freeze=["text_enc", "text_dec"])
     args = parser.parse_args(argv)
 
     run = core.Run("trick_line", args, trains=NEEDS, mode="max")
@@ -78,6 +82,7 @@ def main(argv=None):
     eval_rng = core.heldout_rng(0, salt=3)
     scenes = [game.random_bare_settings(eval_rng) for _ in range(args.eval_scenes)]
     png = os.path.join(run.run_dir, "lines.png")
+    trains_text = bool({"text_enc", "text_dec"} & set(run.trains))
 
     for batch in run.batches():
         rng = run.rng()
@@ -87,18 +92,14 @@ def main(argv=None):
             targets = game.line_target(batch_scenes, size, run.device)
             control = torch.from_numpy(rng.random(B) < args.control_share).to(run.device)
             text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
-            plain = game.pretrain_image_batch(args.plain_batch, size, rng, run.device)
-            sentences = pick(replay, args.text_batch, rng)
         with run.autocast():
             _, recon = brain(text, frames)
-            plain_recon = brain.img_autoencoder(plain)
-            logits = brain.sentence_autoencoder(sentences)
+            keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
         weight = 1 + (args.line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
         want = torch.where(control[:, None, None, None], frames, targets)
         line_loss = (weight * (recon.float() - want) ** 2).mean()
-        plain_loss = F.mse_loss(plain_recon.float(), plain)
-        text_loss = core.text_loss(logits, sentences)
-        loss = line_loss + args.plain_weight * plain_loss + args.text_weight * text_loss
+        # with the text parts frozen their loss has no gradient: only the plain reconstruction counts
+        loss = line_loss + (keep if trains_text else args.plain_weight * plain_loss)
         run.step(loss)
         run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": plain_loss.item(),
                       "text": text_loss.item()}, samples=B)

@@ -50,8 +50,23 @@ def test_shapes_of_the_calls_the_user_knows():
     assert brain.sentence_autoencoder(text).shape == (2, 32, 300)
     assert brain.evaluate_text(text, brain.image_context(img)).shape == (2, 32)
     two = brain.two_img_context(img, img)
-    assert two.shape == (2, 32, 32)     # 16 tokens per image, twice
-    assert not torch.allclose(two[:, :16], two[:, 16:])   # the tags tell the two images apart
+    assert two.shape == (2, 34, 32)     # per image the keypoint token and 16 patch tokens, twice
+    assert not torch.allclose(two[:, :17], two[:, 17:])   # the tags tell the two images apart
+
+
+@pytest.mark.parametrize("colour", ["gold", "agent", "eye", "wall"])
+def test_a_fresh_brain_has_keypoints_that_follow_each_colour(colour):
+    # the keypoint token's reason to exist: coordinates of things, readable from the first batch
+    brain = core.Brain(core.make_config("tiny"))
+    frames = torch.ones(5, 3, 96, 96)
+    xs = [10, 30, 50, 70, 86]
+    for i, x in enumerate(xs):
+        frames[i, :, 40:44, x - 2: x + 2] = torch.tensor(core.PALETTE[colour], dtype=torch.float)[:, None, None] / 255
+    where, _ = brain.img_enc.keypoints.locate(frames * 2 - 1)
+    true_x = torch.tensor([(x - 0.5) / 47.5 - 1 for x in xs])      # pixel centres in [-1, 1]
+    follows = ((where[:, :, 0] - true_x[:, None]).abs() < 0.1).all(0)    # (K,): this keypoint tracks it
+    assert follows.any()
+    assert not ((where[:, :, 0] - where[:1, :, 0]).abs() < 0.1).all()    # and it is not a constant
 
 
 def test_text_logits_at_t_never_see_tokens_after_t():
