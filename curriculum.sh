@@ -22,7 +22,8 @@ TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
 TINY_line=(--steps 300 --time-limit 3.5 --eval-every 150 --save-every 150)
-TINY_qa=(--steps 280 --time-limit 5.5 --eval-every 140 --save-every 140 --eval-scenes 50 --family-every 40)
+TINY_qa=(--steps 280 --time-limit 5.5 --eval-every 140 --save-every 140 --eval-scenes 50 --family-every 40
+         --first-phrasings 170)
 TINY_imitation=(--steps 160 --time-limit 6 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
@@ -35,7 +36,7 @@ QUICK_image=(--steps 8 --batch-size 8 --eval-every 8 --save-every 8 --eval-frame
 QUICK_text=(--steps 8 --batch-size 16 --eval-every 8 --save-every 8 --samples 1)
 QUICK_line=(--steps 4 --batch-size 8 --eval-every 4 --save-every 4 --eval-scenes 8 --eval-frames 8
             --replay-sentences 32 --plain-batch 4 --text-batch 8)
-QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
+QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --first-phrasings 2 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
           --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3
                  --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
