@@ -54,6 +54,10 @@ def ctrl_c_in_a_terminal(out, stage):
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(ROOT)
+        # as from a fresh terminal: Ctrl-C's signal neither ignored nor blocked (a shell keeps an ignored one
+        # ignored, and this process may have inherited either from whatever started the tests)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execvpe("bash", ["bash", "curriculum.sh", "--quick", "--out-dir", str(out)],
                    {**script_env(), "PYTHON": sys.executable})
     threading.Thread(target=_drain, args=(fd,), daemon=True).start()     # the script never blocks on its terminal
