@@ -1726,6 +1726,31 @@ def qa_answers(brain, tokenizer, scenes, phrasings="heldout", chunk=128):
     return out
 
 
+@torch.no_grad()
+def qa_forced_accuracy(brain, tokenizer, scenes, chunk=128):
+    """{family: share of scenes where, after the family's first training question, the true label's first
+    training answer is likelier than every other label's} (answers scored teacher-forced, not generated).
+    It shows the brain reading the frame before its generated answers to other phrasings parse."""
+    device, cfg = next(brain.parameters()).device, brain.cfg
+    out = {}
+    for family, settings in scenes.items():
+        fam = QA_FAMILIES[family]
+        labels, right = list(fam["answers"]), 0
+        for i in range(0, len(settings), chunk):
+            part = settings[i: i + chunk]
+            ctx = brain.image_context(game.render(part, cfg.img_size, device))
+            scores = []
+            for label in labels:
+                text, _, amask = tokenizer.encode_qa([fam["questions"]["train"][0]] * len(part),
+                                                     [fam["answers"][label]["train"][0]] * len(part), cfg.seq_len)
+                logp, _ = brain.compute_probabilities(text.to(device), ctx)
+                scores.append((logp * amask[:, 1:].to(device)).sum(1))
+            best = torch.stack(scores, 1).argmax(1).tolist()
+            right += sum(labels[b] == qa_label(family, s) for b, s in zip(best, part))
+        out[family] = right / len(settings)
+    return out
+
+
 def accuracy_by_family(answers):
     return {family: sum(r["correct"] for r in records) / len(records) for family, records in answers.items()}
 

@@ -93,6 +93,9 @@ def evaluate(brain, tokenizer, scenes, probe, log):
     metrics["acc_mean"] = sum(accuracy.values()) / len(accuracy)
     metrics["acc_min"] = min(accuracy.values())
     metrics["acc_train_phrasings_mean"] = sum(trained.values()) / len(trained)
+    forced = core.qa_forced_accuracy(brain, tokenizer, scenes)
+    metrics.update({f"forced_acc_{family}": v for family, v in forced.items()})
+    metrics["forced_acc_mean"] = sum(forced.values()) / len(forced)
     metrics.update(core.forgetting(brain, probe))
     return metrics
 

@@ -114,6 +114,7 @@ def test_a_few_steps_measure_accuracy_beside_chance_and_a_killed_run_resumes_exa
     out = run_script("tutorial_qa.py", *stage_args(tmp_path / "a", 12, pretrained)).stdout
     for family in core.QA_FAMILIES:
         assert f"acc_{family} " in out and f"chance_{family} 0.5 " in out and f"example {family}: " in out
+        assert f"forced_acc_{family} " in out      # the label's answer scored, not generated
     assert "plain_mse_ratio" in out and "text_loss_ratio" in out
     best = core.load_checkpoint(str(tmp_path / "a" / "tutorial_qa_best.pt"))
     assert 0 <= best["metrics"]["acc_mean"] <= 1 and best["metrics"]["acc_mean"] >= best["metrics"]["acc_min"]
