@@ -28,7 +28,6 @@ The best checkpoint is the one with the highest line IoU on held-out scenes with
 import os
 
 import torch
-import torch.nn.functional as F
 
 import core
 import game
