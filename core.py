@@ -215,11 +215,11 @@ class Keypoints(nn.Module):
 
     Why: patch tokens say where an object is only by *which* token holds it, and a text decoder reads that
     only once its cross-attention has learned to pick that token out, while at the start its near-uniform
-    attention averages all 64 tokens and the position is gone. A tiny brain stayed at chance on "is the gold
-    left or right of you?" for 1,000 batches that way. The keypoint token carries coordinates as numbers
-    that even a uniform average passes on linearly, so a heat map that locks onto the gold or the eye is
-    useful from the first batches: the same probe reached 99% in 500 batches (see README, "Why a keypoint
-    token"). Its peak says whether the thing is there at all.
+    attention averages all 64 tokens and the position is gone. Without it a tiny brain stayed at chance on
+    "is the gold left or right of you?" for 400 batches (benchmarks/probe_reading.py). The keypoint token
+    carries coordinates as numbers that even a uniform average passes on linearly, so a heat map that locks
+    onto the gold or the eye is useful from the first batches: the same probe reached 99% in 300 batches
+    (README, "The keypoint token"). Its peak says whether the thing is there at all.
 
     The heat maps start as colour detectors pointing in directions spread evenly over the colour sphere
     (a Fibonacci lattice): a heat map picks out the pixels whose colour lies furthest its way, so every
@@ -1477,16 +1477,19 @@ def object_weights(frames, weight):
 def keeping_loss(brain, args, replay, rng):
     """The losses that keep earlier skills while a later stage trains the parts they live in: object-weighted
     plain reconstruction of image-pretraining frames (x --plain-weight) and the text model's own loss on
-    sentences it wrote before the stage (x --text-weight). Returns (weighted sum, plain loss, text loss);
-    zeros when replay is None."""
+    sentences it wrote before the stage (x --text-weight), the latter only while a text part trains (a
+    frozen text model cannot forget, and the forward pass would be wasted). Returns (weighted sum, plain
+    loss, text loss); a term not computed is 0, and all three are 0 when replay is None."""
     device = next(brain.parameters()).device
-    if replay is None:                    # nothing to keep (keeping_setup): three zeros
-        return (torch.zeros((), device=device),) * 3
+    zero = torch.zeros((), device=device)
+    if replay is None:                    # nothing to keep (keeping_setup)
+        return zero, zero, zero
     plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
     sentences = replay[torch.from_numpy(rng.integers(len(replay), size=args.text_batch))].to(device)
     recon = brain.img_autoencoder(plain)
     plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
-    said = text_loss(brain.sentence_autoencoder(sentences), sentences)
+    text_trains = any(p.requires_grad for part in (brain.text_enc, brain.text_dec) for p in part.parameters())
+    said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
     return args.plain_weight * plain_loss + args.text_weight * said, plain_loss, said
 
 

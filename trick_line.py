@@ -81,7 +81,6 @@ def main(argv=None):
     eval_rng = core.heldout_rng(0, salt=3)
     scenes = [game.random_bare_settings(eval_rng) for _ in range(args.eval_scenes)]
     png = os.path.join(run.run_dir, "lines.png")
-    trains_text = bool({"text_enc", "text_dec"} & set(run.trains))
 
     for batch in run.batches():
         rng = run.rng()
@@ -97,8 +96,7 @@ def main(argv=None):
         weight = 1 + (args.line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
         want = torch.where(control[:, None, None, None], frames, targets)
         line_loss = (weight * (recon.float() - want) ** 2).mean()
-        # with the text parts frozen their loss has no gradient: only the plain reconstruction counts
-        loss = line_loss + (keep if trains_text else args.plain_weight * plain_loss)
+        loss = line_loss + keep
         run.step(loss)
         run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": plain_loss.item(),
                       "text": text_loss.item()}, samples=B)

@@ -49,10 +49,10 @@ def check_lengths(tokenizer, seq_len):
 
 # The order in which the families join training (--family-every): where the gold is first, then how far,
 # then the mirrored questions about the agent, then those that need the agent's heading. Asked all at once
-# from the first batch, a tiny brain learned none of them in 300 batches (its loss stayed at log 2 on all
-# seven), while one or two families alone were learned in 200-300: three families answer "left" or "right"
-# and two "above" or "below", and a question-blind reading of the frame helps one as much as it hurts
-# its mirror, so the first, question-blind signal cancels out.
+# from the first batch, a tiny brain learned none of them in 300 batches (benchmarks/probe_reading.py: its
+# loss stayed at log 2 on all seven), while one or two families alone were learned in 200-300 (the two
+# mirrored left/right families together too). Why seven at once stall is not known; three families answer
+# "left" or "right" and two "above" or "below", so the families must first be told apart.
 FAMILY_ORDER = ["gold_left_right", "gold_above_below", "near", "agent_left_right", "agent_above_below", "turn", "ahead"]
 assert sorted(FAMILY_ORDER) == sorted(core.QA_FAMILIES)
 
@@ -70,8 +70,8 @@ def qa_batch(scenes, rng, families=FAMILY_ORDER, first=False):
     for s in scenes:
         for family in families:
             fam = core.QA_FAMILIES[family]
-            asked = fam["questions"]["train"]
-            questions.append(asked[0] if first else asked[rng.integers(len(asked))])
+            phrasings = fam["questions"]["train"]
+            questions.append(phrasings[0] if first else phrasings[rng.integers(len(phrasings))])
             said = fam["answers"][core.qa_label(family, s)]["train"]
             answers.append(said[0] if first else said[rng.integers(len(said))])
     return questions, answers
