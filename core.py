@@ -238,6 +238,9 @@ class Keypoints(nn.Module):
         # sharp from the start: the few pixels of the gold must outweigh thousands of background pixels
         self.log_sharpness = nn.Parameter(torch.full((cfg.keypoints,), math.log(20.0)))
         self.token = nn.Linear(3 * cfg.keypoints, cfg.width)
+        # at the scale of the patch tokens (which leave the encoder through a LayerNorm): a token 10x smaller
+        # is read 10x less, and the probe took longer (seven families: 66% against 50% at batch 100)
+        self.ln = nn.LayerNorm(cfg.width)
         half = torch.linspace(-1, 1, cfg.img_size // 2)
         y, x = torch.meshgrid(half, half, indexing="ij")
         self.register_buffer("xy", torch.stack([x.flatten(), y.flatten()], 1), persistent=False)   # (H*W, 2)
@@ -250,7 +253,7 @@ class Keypoints(nn.Module):
 
     def forward(self, ink):
         where, peak = self.locate(ink)
-        return self.token(torch.cat([where, peak], 2).flatten(1).to(ink.dtype))[:, None]
+        return self.ln(self.token(torch.cat([where, peak], 2).flatten(1).to(ink.dtype)))[:, None]
 
 
 class ImageEncoder(nn.Module):
@@ -314,9 +317,19 @@ class TextEncoder(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    """Text tokens -> next-token logits, cross-attending to a context (an image's tokens, or "no image").
+
+    The context's first token (an image's keypoint token; the first "no image" token) is also added, through
+    a linear map, to every text position before the blocks: the MLPs then see where things are at full
+    weight beside the question, instead of 1/65 of it through a cross-attention that starts near uniform.
+    With it the reading probe (benchmarks/probe_reading.py) learned "is the gold left or right of you?" in
+    half the batches (93% at batch 100 against 65%), and seven families asked at once began to move, where
+    without it they stayed at chance (README, "The keypoint token")."""
+
     def __init__(self, cfg):
         super().__init__()
         self.null_img = nn.Parameter(torch.randn(1, cfg.null_tokens, cfg.width) * 0.02)   # the "no image" context
+        self.summary = nn.Linear(cfg.width, cfg.width)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.text_heads, cfg.mlp_ratio, cross=True, causal=True)
                                     for _ in range(cfg.text_dec_layers))
         self.ln = nn.LayerNorm(cfg.width)
@@ -326,7 +339,7 @@ class TextDecoder(nn.Module):
         """Logits (B, T, vocab); with positions (B,), only those at each row's position: (B, vocab); with a
         (B, T) bool mask, those where it is True, row by row: (N, vocab). The vocabulary head is the largest
         matrix product of a small text model, so a loss on a few positions should ask for those alone."""
-        x = text_tokens
+        x = text_tokens + self.summary(ctx[:, :1])
         for blk in self.blocks:
             x = blk(x, ctx)
         if positions is not None:
@@ -697,6 +710,15 @@ PART_FIELDS = {
 }
 
 
+def load_weights(module, state, what):
+    """load_state_dict, with a CheckpointError naming the weights that differ (a checkpoint of an older brain)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        names = [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+        raise CheckpointError(f"{what} does not have this brain's weights ({', '.join(names)}): it was written by "
+                              f"another version of core.py; retrain that stage")
+
+
 def init_from(brain, paths, log=print):
     """Take each part from the (last) checkpoint that trained it: image parts from image pretraining,
     text parts and the tokenizer from text pretraining. Returns (tokenizer json or None, origins)."""
@@ -713,7 +735,7 @@ def init_from(brain, paths, log=print):
                                       f"use the same --preset and sizes as the run that wrote it")
             prefix = part + "."
             sub = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-            getattr(brain, part).load_state_dict(sub)
+            load_weights(getattr(brain, part), sub, f"{path}: its {part}")
             origins[part] = f"{ckpt['stage']} ({os.path.basename(path)})"
         if ckpt.get("tokenizer") and (tokenizer is None or {"text_enc", "text_dec"} & set(trained)):
             tokenizer = ckpt["tokenizer"]
@@ -1084,7 +1106,7 @@ class Run:
         brain = Brain(self.cfg)
         self.origins = {}
         if self.ckpt:
-            brain.load_state_dict(self.ckpt["model"])
+            load_weights(brain, self.ckpt["model"], "the checkpoint to resume")
             self.origins = self.ckpt.get("origins", {})
         elif args.init_from:
             _, self.origins = init_from(brain, args.init_from, log=self.log)

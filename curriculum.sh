@@ -22,8 +22,8 @@ TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
 TINY_line=(--steps 300 --time-limit 3.5 --eval-every 150 --save-every 150)
-TINY_qa=(--steps 280 --time-limit 5.5 --eval-every 140 --save-every 140 --eval-scenes 50 --family-every 40
-         --first-phrasings 170)
+TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
+         --first-phrasings 200)
 TINY_imitation=(--steps 160 --time-limit 6 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
@@ -54,7 +54,7 @@ FULL_grpo=()
 
 # The stages: folder name, script, and the folders (under --out-dir) whose best checkpoints it starts from.
 # init-from takes each part from the last of them that trained it: the line trick trains the image parts
-# only and the QA tutorial leaves text_enc frozen, so the text pretraining is named again for those.
+# only, so the text pretraining is named again for the QA tutorial (and after it, where it does no harm).
 STAGES=(
   "image     pretrain_image.py"
   "text      pretrain_text.py"

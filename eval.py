@@ -56,7 +56,7 @@ class Checkpoint:
         self.ckpt = core.load_checkpoint(self.path)
         try:
             self.brain = core.Brain(core.BrainConfig(**self.ckpt["config"]))
-            self.brain.load_state_dict(self.ckpt.pop("model"))
+            core.load_weights(self.brain, self.ckpt.pop("model"), self.path)
         except (KeyError, TypeError, RuntimeError) as e:
             raise core.CheckpointError(f"{self.path}: its weights do not fit its config ({type(e).__name__})") from None
         for key in ("optimizer", "rng", "cursor"):

@@ -234,6 +234,13 @@ def test_init_from_takes_each_part_from_the_stage_that_trained_it(tmp_path):
     assert tokenizer == tok.to_json() and set(origins) == {"img_enc", "img_dec", "text_enc", "text_dec"}
     with pytest.raises(core.CheckpointError, match="width: 48 vs 32"):
         core.init_from(small_brain(width=48), [str(tmp_path / "img.pt")], log=lambda m: None)
+    # a checkpoint from an older core.py, whose text_dec had no summary map: named, not a traceback
+    old = payload(text_brain, "pretrain_text", trained=("text_enc", "text_dec"), tokenizer=tok.to_json())
+    old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("text_dec.summary")}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(core.CheckpointError, match="its text_dec does not have this brain's weights "
+                                                   r"\(missing summary.weight, missing summary.bias\)"):
+        core.init_from(brain, [str(tmp_path / "old.pt")], log=lambda m: None)
 
 
 # ---- the run plumbing, through a real stage process

@@ -3,12 +3,14 @@ user runs it (a few steps of a small brain, accuracy per family beside chance, e
 import math
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 import core
 import game
 import pretrain_text
+import tutorial_qa
 from conftest import kill_when, run_script
 from pretrained import SKILL_ARGS, pretrain, skill_sentences
 
@@ -75,6 +77,32 @@ def test_phrasings_belong_to_one_family_and_held_back_questions_are_new():
         assert not set(fam["questions"]["heldout"]) & set(fam["questions"]["train"])
         assert not set(fam["questions"]["heldout"]) & set(pretrain_text._game_pool())
     assert len(core.QA_FAMILIES) == 7
+
+
+def test_phrasing_phases_one_phrasing_then_any_question_and_some_answers():
+    """First phase: one question per family, one answer per label. Then every training question, and the
+    label's first answer except for a share --answer-variety of the answers; every pair is labelled right."""
+    rng = np.random.default_rng(0)
+    scenes = core.qa_scenes(40, 1, families=["ahead"])["ahead"]
+
+    def asked(first, variety):
+        qs, ans = tutorial_qa.qa_batch(scenes, rng, tutorial_qa.FAMILY_ORDER, first, variety)
+        pairs = list(zip(qs, ans))
+        for i, (q, a) in enumerate(pairs):          # scene by scene, families in order
+            family, scene = tutorial_qa.FAMILY_ORDER[i % 7], scenes[i // 7]
+            assert q in core.QA_FAMILIES[family]["questions"]["train"]
+            assert core.parse_answer(family, a) == core.qa_label(family, scene), (q, a)
+        return {q for q, _ in pairs}, [a for _, a in pairs]
+
+    firsts = {said["train"][0] for fam in core.QA_FAMILIES.values() for said in fam["answers"].values()}
+    questions, answers = asked(True, 1.0)
+    assert len(questions) == 7 and set(answers) <= firsts
+    questions, answers = asked(False, 0.0)
+    assert len(questions) == sum(len(f["questions"]["train"]) for f in core.QA_FAMILIES.values())
+    assert set(answers) <= firsts
+    _, answers = asked(False, 0.5)
+    share = sum(a not in firsts for a in answers) / len(answers)      # 1/2 drawn from 3 phrasings: 1/3 new
+    assert 0.2 < share < 0.45
 
 
 def test_scenes_are_balanced_so_chance_is_one_half():
