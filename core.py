@@ -822,8 +822,10 @@ class Rollout:
 
 
 def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_len=32, brain=None,
-            temperature=1.0, generator=None, backward=False):
+            temperature=1.0, generator=None, backward=False, explore=0.0):
     """Play B games to the gold or to max_actions. policy: "sample" or "greedy" (the brain), "oracle", "random".
+    explore: the share of the brain's steps where a uniformly random move is taken instead (their logprobs
+    are then not the policy's: for imitation's DAgger episodes only, not for policy gradients).
     Frames are rendered on `device` and not kept: the rollout stores Settings, and training re-renders."""
     B = len(settings)
     env = game.GameBatch(settings, device)
@@ -852,6 +854,10 @@ def rollout(settings, policy, size, device, max_actions=game.MAX_ACTIONS, seq_le
                 ctx[idx] = img_tokens                      # finished games are neither encoded nor extended
                 text, _, logp, _, _ = brain.extend(text, lengths, ctx, temperature, POLICY_TOKENS, generator,
                                                    active, greedy=policy == "greedy")
+            if explore > 0:
+                swap = active & (torch.rand(B, generator=generator, device=device) < explore)
+                pick = torch.randint(len(POLICY_ACTIONS), (B,), generator=generator, device=device)
+                text[rows[swap], lengths[swap]] = policy_tokens[pick[swap]]
         elif policy == "oracle":
             text[rows, lengths] = labels[-1]
         elif policy == "random":

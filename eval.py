@@ -129,7 +129,9 @@ def qa_figures(c, sizes, prefix):
              sum(accuracy.values()) / len(accuracy), "pct"),
             ("baseline: chance (commonest label), mean", sum(chance.values()) / len(chance), "pct"),
             ("lowest family accuracy", min(accuracy.values()), "pct")]
-    return rows + [(f"accuracy: {family}", accuracy[family], "pct") for family in scenes], None
+    forced = core.qa_forced_accuracy(c.brain, c.tokenizer, scenes)
+    return rows + [(f"accuracy: {family}", accuracy[family], "pct") for family in scenes] + \
+        [(f"label's answer likelier, first phrasings: {family}", forced[family], "pct") for family in scenes], None
 
 
 def agent_figures(c, sizes, prefix):

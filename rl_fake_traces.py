@@ -25,6 +25,9 @@ def main(argv=None):
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
     parser.add_argument("--dagger", type=float, default=0.5,
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
+    parser.add_argument("--explore", type=float, default=0.0,
+                        help="in the brain's own episodes, the share of random moves (so the trace so far does not "
+                             "tell the next action, and the frame must)")
     parser.add_argument("--dagger-actions", type=int, default=16,
                         help="the brain's own episodes stop after this many actions (later states teach less)")
     parser.add_argument("--actions-per-batch", type=int, default=128,
@@ -56,7 +59,8 @@ def main(argv=None):
                 if part:
                     limit = args.dagger_actions if policy == "sample" else game.MAX_ACTIONS
                     trace = core.rollout(part, policy, size, run.device, limit, seq_len, brain=brain,
-                                         generator=run.torch_generator(), backward=args.oracle_backward)
+                                         generator=run.torch_generator(), backward=args.oracle_backward,
+                                         explore=args.explore if policy == "sample" else 0.0)
                     s, e, t = trace.flat()
                     states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
                                                    targets + [trace.labels[e, t]])

@@ -33,6 +33,21 @@ def test_scoring_a_rollout_gives_the_probabilities_the_policy_sampled_it_with():
         assert (played.text[b, n + 1:] == core.PAD).all()
 
 
+def test_exploring_episodes_take_random_moves_in_the_given_share():
+    """DAgger's episodes with --explore: a greedy brain's moves, a share of them swapped for random ones."""
+    brain = small_brain()
+    scenes = [game.random_bare_settings(i, max_agent_offset=0.5) for i in range(128)]
+    moves = lambda explore: core.rollout(scenes, "greedy", 32, "cpu", max_actions=8, brain=brain, explore=explore,
+                                         generator=torch.Generator().manual_seed(0)).text[:, 1:9]
+    greedy, half, every = moves(0.0), moves(0.5), moves(1.0)
+    assert torch.equal(greedy, moves(0.0))
+    kinds = lambda t: torch.stack([(t == tok).sum() for tok in core.POLICY_TOKENS[:4]]).float()
+    assert (kinds(every) / kinds(every).sum() - 0.25).abs().max() < 0.07      # uniform over the four moves
+    differs = (half != greedy)[:, 0].float().mean()                            # first move: same state
+    assert 0.25 < differs < 0.65        # swapped in half of the steps; a random move differs from the
+                                        # greedy one 3 times in 4 (always, where the greedy one ends the game)
+
+
 def test_oracle_traces_store_the_states_they_really_went_through():
     scenes = [game.random_bare_settings(i, max_agent_offset=0.3) for i in range(8)]
     trace = core.rollout(scenes, "oracle", 32, "cpu")

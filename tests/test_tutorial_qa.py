@@ -105,6 +105,13 @@ def test_phrasing_phases_one_phrasing_then_any_question_and_some_answers():
     assert 0.2 < share < 0.45
 
 
+def test_families_with_the_higher_answer_loss_are_asked_more():
+    shares = tutorial_qa.family_shares(["near", "turn", "ahead"], {"near": 0.0, "turn": 0.6}, focus=0.5)
+    assert shares == pytest.approx([1 / 6, 1 / 6 + 0.25, 1 / 6 + 0.25])   # ahead, not yet measured: the worst
+    assert tutorial_qa.family_shares(["near", "turn"], {}, focus=0.5) == pytest.approx([0.5, 0.5])
+    assert tutorial_qa.family_shares(["near", "turn"], {"near": 0.1, "turn": 0.9}, focus=0.0) == pytest.approx([0.5, 0.5])
+
+
 def test_scenes_are_balanced_so_chance_is_one_half():
     scenes = core.qa_scenes(6, 0)
     assert core.qa_chance(scenes) == {family: 0.5 for family in core.QA_FAMILIES}
