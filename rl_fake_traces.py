@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
     parser.add_argument("--dagger", type=float, default=0.5,
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
-    parser.add_argument("--explore", type=float, default=0.0,
+    parser.add_argument("--explore", type=float, default=0.5,
                         help="in the brain's own episodes, the share of random moves (so the trace so far does not "
                              "tell the next action, and the frame must)")
     parser.add_argument("--dagger-actions", type=int, default=16,
