@@ -19,7 +19,8 @@ answer held-back questions in another family's words (held-back accuracy 50% aga
 batches of the second phase, from the same brain; answers in the first phrasing in both).
 Each scene is asked as many questions as there are families, the families drawn by family_shares: half
 evenly, half in proportion to each family's running answer loss (--focus), so that the families not
-yet learned (turn and ahead, last) get the questions. --family-every brings the families in one by one instead of all at once (the
+yet learned (turn and ahead, last) get more of the questions (about a fifth each; in the runs measured
+that did not yet make them learnable within 600 batches: README, "QA figures"). --family-every brings the families in one by one instead of all at once (the
 way needed before TextDecoder's summary of the keypoint token; see FAMILY_ORDER).
 
 The text is "<s> question <sep> answer </s>" through qa_forward: the text side sees question and answer
