@@ -74,19 +74,18 @@ def asked_families(batch, every):
     return FAMILY_ORDER if every <= 0 else FAMILY_ORDER[: 2 + batch // every]
 
 
-def qa_batch(scenes, rng, families=FAMILY_ORDER, first=False, answer_variety=1.0):
-    """Each family's question about each scene, with training phrasings drawn at random: (questions, answers),
-    scene by scene, families in the given order. first: each family's first question and each label's first
+def qa_batch(pairs, rng, first=False, answer_variety=1.0):
+    """A question and its answer for each (scene, family) pair, with training phrasings drawn at random:
+    (questions, answers) in the pairs' order. first: each family's first question and each label's first
     answer only. Otherwise any training question, and any training answer for a share answer_variety of
     them (the label's first answer for the rest)."""
     questions, answers = [], []
-    for s in scenes:
-        for family in families:
-            fam = core.QA_FAMILIES[family]
-            phrasings = fam["questions"]["train"]
-            questions.append(phrasings[0] if first else phrasings[rng.integers(len(phrasings))])
-            said = fam["answers"][core.qa_label(family, s)]["train"]
-            answers.append(said[0] if first or rng.random() >= answer_variety else said[rng.integers(len(said))])
+    for s, family in pairs:
+        fam = core.QA_FAMILIES[family]
+        phrasings = fam["questions"]["train"]
+        questions.append(phrasings[0] if first else phrasings[rng.integers(len(phrasings))])
+        said = fam["answers"][core.qa_label(family, s)]["train"]
+        answers.append(said[0] if first or rng.random() >= answer_variety else said[rng.integers(len(said))])
     return questions, answers
 
 
@@ -100,11 +99,11 @@ def family_shares(families, losses, focus):
     return (1 - focus) / len(families) + focus * loss / max(loss.sum(), 1e-9)
 
 
-def family_losses(logits, text, amask, names):
-    """{family: mean answer loss per question} of one batch, questions named by family (names, row by row)."""
+def family_losses(token_loss, amask, names):
+    """{family: mean answer loss per question} of one batch, from the loss of each answer token (in the
+    order of amask[:, 1:]'s True entries) and the questions' families (names, row by row)."""
     rows = amask[:, 1:].nonzero()[:, 0]
-    token = F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]], reduction="none").detach()
-    per_row = torch.zeros(len(text), device=token.device).index_add_(0, rows, token)
+    per_row = torch.zeros(len(amask), device=token_loss.device).index_add_(0, rows, token_loss.detach())
     per_row = (per_row / amask[:, 1:].sum(1).clamp(min=1)).tolist()
     out = {}
     for name, value in zip(names, per_row):
@@ -173,11 +172,8 @@ def main(argv=None):
             shares = family_shares(families, run.cursor.setdefault("family_loss", {}), args.focus)
             names = [families[i] for _ in batch_scenes
                      for i in (rng.choice(asked, asked, p=shares) if args.focus > 0 else range(asked))]
-            questions, answers = [], []
-            for i, scene in enumerate(batch_scenes):
-                q, a = qa_batch([scene], rng, names[i * asked: (i + 1) * asked], batch < args.first_phrasings,
-                                args.answer_variety)
-                questions, answers = questions + q, answers + a
+            pairs = zip([s for s in batch_scenes for _ in range(asked)], names)
+            questions, answers = qa_batch(pairs, rng, batch < args.first_phrasings, args.answer_variety)
             frames = game.render(batch_scenes, size, run.device)
             text, qmask, amask = tokenizer.encode_qa(questions, answers, L)
             used = int((text != core.PAD).sum(1).max())         # no compute spent on columns of padding
@@ -191,9 +187,10 @@ def main(argv=None):
             heard = (qmask & (text != core.PAD))[::asked]                        # the frame rebuilt from one question
             recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
             keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
-        answer_loss = F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]])
+        token_loss = F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]], reduction="none")
+        answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
-        for family, value in family_losses(logits, text, amask, names).items():
+        for family, value in family_losses(token_loss, amask, names).items():
             running[family] = value if family not in running else 0.9 * running[family] + 0.1 * value
         asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
         loss = answer_loss + args.plain_weight * asked_loss + keep

@@ -86,7 +86,7 @@ def test_phrasing_phases_one_phrasing_then_any_question_and_some_answers():
     scenes = core.qa_scenes(40, 1, families=["ahead"])["ahead"]
 
     def asked(first, variety):
-        qs, ans = tutorial_qa.qa_batch(scenes, rng, tutorial_qa.FAMILY_ORDER, first, variety)
+        qs, ans = tutorial_qa.qa_batch([(s, f) for s in scenes for f in tutorial_qa.FAMILY_ORDER], rng, first, variety)
         pairs = list(zip(qs, ans))
         for i, (q, a) in enumerate(pairs):          # scene by scene, families in order
             family, scene = tutorial_qa.FAMILY_ORDER[i % 7], scenes[i // 7]
