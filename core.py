@@ -1476,8 +1476,9 @@ def sentence_loss(brain, sentences, chunk=64):
                * (sentences[i: i + chunk, 1:] != PAD).sum().item() for i in range(0, len(sentences), chunk)) / tokens
 
 
-def add_forgetting_args(parser):
-    """The flags of the losses that keep earlier skills, shared by the skill stages."""
+def add_forgetting_args(parser, qa_replay=False):
+    """The flags of the losses that keep earlier skills, shared by the skill stages (qa_replay: the stages after
+    the QA tutorial, which also replay its questions)."""
     parser.add_argument("--plain-weight", type=float, default=1.0, help="weight of the plain reconstruction loss")
     parser.add_argument("--plain-batch", type=int, default=16,
                         help="image-pretraining frames per batch for the plain reconstruction loss")
@@ -1489,6 +1490,11 @@ def add_forgetting_args(parser):
                         help="sentences the text model writes at the start, for its own loss")
     parser.add_argument("--eval-frames", type=int, default=256,
                         help="held-out image-pretraining frames and text-model sentences that measure forgetting")
+    if qa_replay:
+        parser.add_argument("--qa-weight", type=float, default=0.5,
+                            help="weight of the QA replay loss, when the brain has learned QA (0: none)")
+        parser.add_argument("--qa-batch", type=int, default=2,
+                            help="fresh scenes per family per batch for it, each asked the family's first question")
 
 
 def object_weights(frames, weight):
@@ -1502,32 +1508,58 @@ def object_weights(frames, weight):
     return 1 + (weight - 1) * small[:, None].float()
 
 
-def keeping_loss(brain, args, replay, rng):
+def keeping_loss(brain, args, replay, rng, qa=None):
     """The losses that keep earlier skills while a later stage trains the parts they live in: object-weighted
-    plain reconstruction of image-pretraining frames (x --plain-weight) and the text model's own loss on
+    plain reconstruction of image-pretraining frames (x --plain-weight), the text model's own loss on
     sentences it wrote before the stage (x --text-weight), the latter only while a text part trains (a
-    frozen text model cannot forget, and the forward pass would be wasted). Returns (weighted sum, plain
-    loss, text loss); a term not computed is 0, and all three are 0 when replay is None."""
+    frozen text model cannot forget, and the forward pass would be wasted), and, given the tokenizer as qa,
+    the QA tutorial's questions (qa_replay_loss, x --qa-weight). Returns (weighted sum, {"plain", "text",
+    "qa"} losses); a term not computed is 0, and all are 0 when replay is None."""
     device = next(brain.parameters()).device
     zero = torch.zeros((), device=device)
     if replay is None:                    # nothing to keep (keeping_setup)
-        return zero, zero, zero
+        return zero, {"plain": zero, "text": zero, "qa": zero}
     plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
     sentences = replay[torch.from_numpy(rng.integers(len(replay), size=args.text_batch))].to(device)
     recon = brain.img_autoencoder(plain)
     plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
     text_trains = any(p.requires_grad for part in (brain.text_enc, brain.text_dec) for p in part.parameters())
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
-    return args.plain_weight * plain_loss + args.text_weight * said, plain_loss, said
+    answered = qa_replay_loss(brain, qa, args.qa_batch, rng) if qa is not None else zero
+    total = args.plain_weight * plain_loss + args.text_weight * said
+    if qa is not None:
+        total = total + args.qa_weight * answered
+    return total, {"plain": plain_loss, "text": said, "qa": answered}
+
+
+def qa_replay_loss(brain, tokenizer, n, rng):
+    """Answer loss (mean over the answer tokens and </s>) of every QA family's first training question about
+    n fresh scenes balanced for that family, each answered in its label's first training phrasing: the QA
+    tutorial's first phase, replayed by the stages after it. Without it the brain that learned to walk
+    answered no question (0% in the tiny curriculum of the third session)."""
+    device = next(brain.parameters()).device
+    pairs = [(s, family) for family, scenes in qa_scenes(n, rng).items() for s in scenes]
+    text, _, amask = tokenizer.encode_qa(
+        [QA_FAMILIES[f]["questions"]["train"][0] for _, f in pairs],
+        [QA_FAMILIES[f]["answers"][qa_label(f, s)]["train"][0] for s, f in pairs], brain.cfg.seq_len)
+    used = int((text != PAD).sum(1).max())
+    text, amask = text[:, :used].to(device), amask[:, :used].to(device)
+    ctx = brain.image_context(game.render([s for s, _ in pairs], brain.cfg.img_size, device))
+    logits = brain.text_dec(brain.text_enc(text), ctx, F.pad(amask[:, 1:], (0, 1)))
+    return F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]])
 
 
 def keeping_setup(run, brain, args):
-    """(replay sentences, forgetting probe) for keeping_loss and forgetting; (None, None) for a brain whose
-    --init-from gave it no text model (no tokenizer): it has no earlier skills to keep."""
+    """(replay sentences, forgetting probe, qa) for keeping_loss and forgetting: qa is the tokenizer when the
+    brain has learned QA and --qa-weight > 0 (its questions are replayed), else None. (None, None, None) for a
+    brain whose --init-from gave it no text model (no tokenizer): it has no earlier skills to keep."""
     if run.tokenizer is None:
         run.log("no tokenizer from --init-from: no earlier skills to keep, so no plain reconstruction or text replay")
-        return None, None
-    return forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
+        return None, None, None
+    qa = run.tokenizer if "qa" in run.skills and getattr(args, "qa_weight", 0) > 0 else None
+    if qa is not None:
+        run.log(f"the brain has learned QA: its questions are replayed (--qa-weight {args.qa_weight})")
+    return (*forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames), qa)
 
 
 def forgetting_baseline(run, brain, n_replay, n_heldout):
@@ -1556,6 +1588,18 @@ def forgetting(brain, probe):
     out = forgetting_probe(brain, probe["frames"], probe["sentences"])
     for k, v in list(out.items()):
         out[f"{k}_before"], out[f"{k}_ratio"] = probe["before"][k], v / probe["before"][k]
+    return out
+
+
+@torch.no_grad()
+def kept_skills(brain, probe, qa=None, qa_scenes_per_family=32):
+    """The agent stages' forgetting figures: forgetting(brain, probe) (nothing without a probe) and, given the
+    tokenizer as qa (keeping_setup), the QA accuracy teacher-forced on held-out scenes, per family and mean."""
+    out = forgetting(brain, probe) if probe is not None else {}
+    if qa is not None:
+        forced = qa_forced_accuracy(brain, qa, qa_scenes(qa_scenes_per_family, heldout_rng(0, salt=4)))
+        out.update({f"qa_forced_{family}": v for family, v in forced.items()})
+        out["qa_forced_mean"] = sum(forced.values()) / len(forced)
     return out
 
 

@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--actions-per-batch", type=int, default=128,
                         help="actions scored per batch, drawn from the batch's episodes (0: all; each costs a frame "
                              "through img_enc, and consecutive actions of one episode teach much the same)")
-    core.add_forgetting_args(parser)
+    core.add_forgetting_args(parser, qa_replay=True)
     parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
@@ -44,7 +44,7 @@ def main(argv=None):
     size, seq_len = run.cfg.img_size, run.cfg.seq_len
     if seq_len < game.MAX_ACTIONS + 1:
         raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
-    replay, probe = core.keeping_setup(run, brain, args)
+    replay, probe, qa = core.keeping_setup(run, brain, args)
 
     for batch in run.batches():
         rng = run.rng()
@@ -72,16 +72,15 @@ def main(argv=None):
         with run.autocast():
             logp, entropy = core.score_actions(brain, states, text, step, size, targets=targets)
             imitation = -logp.float().mean()
-            keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
+            keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
         loss = imitation + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "imitation": imitation.item(), "plain": plain_loss.item(),
-                      "text": text_loss.item(), "oracle_action_prob": logp.exp().mean().item(),
+        run.log_step({"loss": loss.item(), "imitation": imitation.item(), "plain": kept["plain"].item(),
+                      "text": kept["text"].item(), "qa": kept["qa"].item(), "oracle_action_prob": logp.exp().mean().item(),
                       "entropy": entropy.mean().item(), "actions": len(step)}, samples=len(step))
         if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
-            if probe is not None:
-                metrics.update(core.forgetting(brain, probe))
+            metrics.update(core.kept_skills(brain, probe, qa))
             run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
                      if f"greedy_success@{args.max_agent_offset}" in metrics else None)
         elif run.due(args.save_every):

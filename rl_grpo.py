@@ -53,12 +53,12 @@ def main(argv=None):
     c.add_argument("--grow-window", type=int, default=5, help="rounds averaged for the growth decision")
     c.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
     c.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="held-out offsets")
-    core.add_forgetting_args(parser)
+    core.add_forgetting_args(parser, qa_replay=True)
     args = parser.parse_args(argv)
 
     run = core.Run("rl_grpo", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)
-    replay, probe = core.keeping_setup(run, brain, args)
+    replay, probe, qa = core.keeping_setup(run, brain, args)
     size, device, G = run.cfg.img_size, run.device, args.group_size
     ref = None
     if args.kl_coef > 0 and args.init_from:
@@ -141,11 +141,11 @@ def main(argv=None):
                 stats["entropy"] += entropy.detach().sum().item()
             if replay is not None:            # the earlier skills, once per optimizer step
                 with run.autocast():
-                    keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
+                    keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
                 keep.backward()
                 total += keep.item()
-                stats["plain"] += plain_loss.item()
-                stats["text"] += text_loss.item()
+                for name, value in kept.items():
+                    stats[name] += value.item()
             run.step(torch.tensor(total), accumulated=True, advance=epoch == args.epochs - 1)
 
         # the curriculum: grow the gold's distance once the policy succeeds often enough
@@ -161,13 +161,12 @@ def main(argv=None):
                       "episode_len": played.steps.float().mean().item(), "entropy": stats["entropy"] / n,
                       "approx_kl": stats["approx_kl"] / n, "clip_frac": stats["clip_frac"] / n,
                       "kl_ref": stats["kl_ref"], "zero_spread": zero_spread, "offset": offset,
-                      "plain": stats["plain"], "text": stats["text"],
+                      **{name: stats[name] / args.epochs for name in ("plain", "text", "qa")},
                       "round_s": time.time() - t0, "rollout_steps_per_s": played.steps.sum().item() / rollout_s,
                       "rss_mb": core.rss_mb()}, samples=len(played.success))
         if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, device, eval_offsets, args.eval_scenes)
-            if probe is not None:
-                metrics.update(core.forgetting(brain, probe))
+            metrics.update(core.kept_skills(brain, probe, qa))
             run.save(metrics, metric=metrics.get(target))
         elif run.due(args.save_every):
             run.save()

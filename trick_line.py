@@ -92,14 +92,14 @@ def main(argv=None):
             text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
         with run.autocast():
             _, recon = brain(text, frames)
-            keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
+            keep, kept = core.keeping_loss(brain, args, replay, rng)
         weight = 1 + (args.line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
         want = torch.where(control[:, None, None, None], frames, targets)
         line_loss = (weight * (recon.float() - want) ** 2).mean()
         loss = line_loss + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": plain_loss.item(),
-                      "text": text_loss.item()}, samples=B)
+        run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": kept["plain"].item(),
+                      "text": kept["text"].item()}, samples=B)
         if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, tokenizer, scenes, controls, probe, png)
             run.save(metrics, metric=metrics["line_iou"])

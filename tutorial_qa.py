@@ -186,7 +186,7 @@ def main(argv=None):
             logits = brain.text_dec(text_tokens, img_tokens.repeat_interleave(asked, 0), target)
             heard = (qmask & (text != core.PAD))[::asked]                        # the frame rebuilt from one question
             recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
-            keep, plain_loss, text_loss = core.keeping_loss(brain, args, replay, rng)
+            keep, kept = core.keeping_loss(brain, args, replay, rng)
         token_loss = F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]], reduction="none")
         answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
@@ -195,8 +195,8 @@ def main(argv=None):
         asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
         loss = answer_loss + args.plain_weight * asked_loss + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "answer": answer_loss.item(), "asked": asked_loss.item(), "plain": plain_loss.item(),
-                      "text": text_loss.item()}, samples=len(questions))
+        run.log_step({"loss": loss.item(), "answer": answer_loss.item(), "asked": asked_loss.item(), "plain": kept["plain"].item(),
+                      "text": kept["text"].item()}, samples=len(questions))
         if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, tokenizer, scenes, probe, run.log)
             metrics.update({f"asked_{f}": float(p) for f, p in zip(families, shares)})

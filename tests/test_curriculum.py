@@ -97,6 +97,9 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     assert "resuming from" in open(out / "line" / "train.log").read()
     assert all((out / s / "finished.json").exists() for s in STAGES)
     assert "Traceback" not in open(out / "curriculum.log").read()
+    for stage in ("imitation", "grpo"):           # the agent stages keep the QA tutorial's questions
+        stage_log = open(out / stage / "train.log").read()
+        assert "its questions are replayed" in stage_log and "qa_forced_mean" in stage_log, stage
 
     report = out / "report" / "report.md"
     assert f"report: {out}/report/report.md" in log

@@ -134,6 +134,26 @@ def test_every_scene_is_asked_every_held_back_phrasing():
         assert all(set(r) == {"question", "answer", "label", "parsed", "correct"} for r in records)
 
 
+def test_later_stages_replay_the_questions_in_their_first_phrasings_and_can_learn_them():
+    tokenizer = core.Tokenizer.train(skill_sentences(), 600)
+    torch.manual_seed(0)
+    cfg = core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2,
+                           vocab=tokenizer.vocab)
+    brain = core.Brain(cfg)
+    opt = torch.optim.Adam(brain.parameters(), 3e-3)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(40):
+        loss = core.qa_replay_loss(brain, tokenizer, 2, rng)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:                          # the answers are scored from the frame: img_enc is reached
+            assert brain.img_enc.patchify.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]          # the answers' words, at least, are learned
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     return pretrain(tmp_path_factory.mktemp("pretrained"))
