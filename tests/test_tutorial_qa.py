@@ -134,7 +134,7 @@ def test_every_scene_is_asked_every_held_back_phrasing():
         assert all(set(r) == {"question", "answer", "label", "parsed", "correct"} for r in records)
 
 
-def test_later_stages_replay_the_questions_in_their_first_phrasings_and_can_learn_them():
+def test_later_stages_replay_the_questions_and_can_learn_their_answers():
     tokenizer = core.Tokenizer.train(skill_sentences(), 600)
     torch.manual_seed(0)
     cfg = core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2,
