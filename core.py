@@ -1494,7 +1494,7 @@ def add_forgetting_args(parser, qa_replay=False):
         parser.add_argument("--qa-weight", type=float, default=0.5,
                             help="weight of the QA replay loss, when the brain has learned QA (0: none)")
         parser.add_argument("--qa-batch", type=int, default=2,
-                            help="fresh scenes per family per batch for it, each asked the family's first question")
+                            help="fresh scenes per family per batch for it, each asked a training question of the family")
 
 
 def object_weights(frames, weight):
@@ -1542,14 +1542,25 @@ def qa_replay_loss(brain, tokenizer, n, rng):
     device = next(brain.parameters()).device
     pairs = [(s, family) for family, scenes in qa_scenes(n, rng).items() for s in scenes]
     asked = [QA_FAMILIES[f]["questions"]["train"] for _, f in pairs]
-    text, _, amask = tokenizer.encode_qa(
+    text, _, amask = trim_padding(*tokenizer.encode_qa(
         [q[rng.integers(len(q))] for q in asked],
-        [QA_FAMILIES[f]["answers"][qa_label(f, s)]["train"][0] for s, f in pairs], brain.cfg.seq_len)
-    used = int((text != PAD).sum(1).max())
-    text, amask = text[:, :used].to(device), amask[:, :used].to(device)
+        [QA_FAMILIES[f]["answers"][qa_label(f, s)]["train"][0] for s, f in pairs], brain.cfg.seq_len), device=device)
     ctx = brain.image_context(game.render([s for s, _ in pairs], brain.cfg.img_size, device))
-    logits = brain.text_dec(brain.text_enc(text), ctx, F.pad(amask[:, 1:], (0, 1)))
-    return F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]])
+    return answer_token_loss(brain, brain.text_enc(text), ctx, text, amask).mean()
+
+
+def trim_padding(text, *masks, device=None):
+    """text and its masks cut to the longest row's tokens (no compute spent on columns of padding), on device."""
+    used = int((text != PAD).sum(1).max())
+    return tuple(t[:, :used].to(device) for t in (text, *masks))
+
+
+def answer_token_loss(brain, text_tokens, ctx, text, amask):
+    """Cross-entropy of each answer token and </s> of "<s> question <sep> answer </s>" rows (in the order of
+    amask[:, 1:]'s True entries), the vocabulary head run only where it predicts them (position t predicts
+    token t + 1). text_tokens: text_enc(text); ctx: the rows' image contexts."""
+    logits = brain.text_dec(text_tokens, ctx, F.pad(amask[:, 1:], (0, 1)))
+    return F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]], reduction="none")
 
 
 def keeping_setup(run, brain, args):

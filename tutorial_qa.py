@@ -43,7 +43,6 @@ import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import core
 import game
@@ -175,19 +174,14 @@ def main(argv=None):
             pairs = zip([s for s in batch_scenes for _ in range(asked)], names)
             questions, answers = qa_batch(pairs, rng, batch < args.first_phrasings, args.answer_variety)
             frames = game.render(batch_scenes, size, run.device)
-            text, qmask, amask = tokenizer.encode_qa(questions, answers, L)
-            used = int((text != core.PAD).sum(1).max())         # no compute spent on columns of padding
-            text, qmask, amask = (t[:, :used].to(run.device) for t in (text, qmask, amask))
+            text, qmask, amask = core.trim_padding(*tokenizer.encode_qa(questions, answers, L), device=run.device)
         with run.autocast():
-            # qa_forward taken apart, so that each frame is encoded once for all its questions; logits only
-            # where they predict the answer's tokens and </s> (position t predicts token t + 1)
-            target = F.pad(amask[:, 1:], (0, 1))
+            # qa_forward taken apart, so that each frame is encoded once for all its questions
             img_tokens, text_tokens = brain.image_context(frames), brain.text_enc(text)
-            logits = brain.text_dec(text_tokens, img_tokens.repeat_interleave(asked, 0), target)
+            token_loss = core.answer_token_loss(brain, text_tokens, img_tokens.repeat_interleave(asked, 0), text, amask)
             heard = (qmask & (text != core.PAD))[::asked]                        # the frame rebuilt from one question
             recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
             keep, kept = core.keeping_loss(brain, args, replay, rng)
-        token_loss = F.cross_entropy(logits.float(), text[:, 1:][amask[:, 1:]], reduction="none")
         answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
         for family, value in family_losses(token_loss, amask, names).items():
