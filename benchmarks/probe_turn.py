@@ -135,10 +135,10 @@ def main():
         p.error(f"--held-out must be between 0 and --scenes ({a.scenes}), got {a.held_out}")
     torch.manual_seed(a.seed)
     try:
-        path = core.resolve_checkpoint(a.ckpt)
-        ckpt = core.load_checkpoint(path)
-        brain = core.Brain(core.BrainConfig(**ckpt["config"]))
-        tokenizer, _ = core.init_from(brain, [path] + ([a.text] if a.text else []), log=lambda *_: None)
+        paths = [core.resolve_checkpoint(x) for x in [a.ckpt] + ([a.text] if a.text else [])]
+        # the brain's sizes from the last checkpoint: its vocabulary follows the text pretraining's tokenizer
+        brain = core.Brain(core.BrainConfig(**core.load_checkpoint(paths[-1])["config"]))
+        tokenizer, _ = core.init_from(brain, paths, log=lambda *_: None)
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
     if not brain.cfg.keypoints:

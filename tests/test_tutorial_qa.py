@@ -1,6 +1,7 @@
 """The QA tutorial: labels on hand-built scenes, the answer parser, the phrasings' rules, and the stage as a
 user runs it (a few steps of a small brain, accuracy per family beside chance, exact resume after SIGKILL)."""
 import math
+import re
 import signal
 
 import numpy as np
@@ -186,3 +187,19 @@ def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pret
     bad = run_script("tutorial_qa.py", *stage_args(tmp_path, 2, pretrained[:1]), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "text_enc" in bad.stderr and "tokenizer" in bad.stderr
+
+
+def test_the_turn_probe_reads_a_brain_three_ways_and_names_bad_input(pretrained):
+    image, text = pretrained
+    out = run_script("benchmarks/probe_turn.py", "--ckpt", image, "--text", text, "--scenes", 40, "--held-out", 10,
+                     "--steps", 4, "--every", 2, "--batch-size", 8, "--standardise", "--mlp-summary").stdout
+    r2 = re.search(r"heading R² \(cos, sin\): keypoint token \[(\S+) +(\S+)\]", out)
+    assert r2 and all(float(v) <= 1 for v in r2.groups())
+    for reader in ("mlp step", "text_dec step"):
+        accs = [float(a) for a in re.findall(rf"{reader} \d+: loss [\d.]+ \| turn[^\d]*([\d.]+)", out)]
+        assert len(accs) == 2 and all(0 <= a <= 1 for a in accs), out
+    no_text = run_script("benchmarks/probe_turn.py", "--ckpt", image, "--only", "text_dec", "--scenes", 20,
+                         "--held-out", 5, check=False)
+    assert no_text.returncode != 0 and "no tokenizer" in no_text.stderr and "Traceback" not in no_text.stderr
+    bad = run_script("benchmarks/probe_turn.py", "--ckpt", image, "--scenes", 20, "--held-out", 20, check=False)
+    assert bad.returncode == 2 and "--held-out must be between" in bad.stderr
