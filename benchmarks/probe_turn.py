@@ -83,32 +83,27 @@ def decoder_readout(brain, tok, scenes, contexts, n_train, a):
     brain.text_dec = dec
     dec.requires_grad_(True)
     fam = core.QA_FAMILIES["turn"]
-    question = fam["questions"]["train"][0]
 
-    def answer_loss(rows, flip=False):
-        labels = [core.qa_label("turn", scenes[r]) for r in rows]
-        if flip:
-            labels = [next(x for x in fam["answers"] if x != label) for label in labels]
-        text, _, amask = core.trim_padding(*tok.encode_qa([question] * len(rows),
-                                                          [fam["answers"][x]["train"][0] for x in labels], brain.cfg.seq_len))
+    def answer_loss(rows):
+        """The answers' loss summed over each row's tokens, averaged over the rows."""
+        answers = [fam["answers"][core.qa_label("turn", scenes[r])]["train"][0] for r in rows]
+        text, _, amask = core.trim_padding(*tok.encode_qa([fam["questions"]["train"][0]] * len(rows), answers,
+                                                          brain.cfg.seq_len))
         with torch.no_grad():
             text_tokens = brain.text_enc(text)
-        per_token = core.answer_token_loss(brain, text_tokens, contexts[rows], text, amask)
-        which = amask[:, 1:].nonzero()[:, 0]
-        return torch.zeros(len(rows)).index_add_(0, which, per_token)
+        return core.answer_token_loss(brain, text_tokens, contexts[rows], text, amask).sum() / len(rows)
 
     opt = torch.optim.AdamW(dec.parameters(), a.lr, weight_decay=0.01)
     rng = np.random.default_rng(a.seed)
-    held = np.arange(n_train, len(scenes))
+    held = {"turn": scenes[n_train:]}
     for step in range(1, a.steps + 1):
-        loss = answer_loss(rng.integers(n_train, size=a.batch_size)).mean()
+        loss = answer_loss(rng.integers(n_train, size=a.batch_size))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % a.every == 0:
             dec.eval()
-            with torch.no_grad():
-                acc = (answer_loss(held) < answer_loss(held, flip=True)).float().mean().item()
+            acc = core.qa_forced_accuracy(brain, tok, held)["turn"]
             dec.train()
             print(f"text_dec step {step}: loss {loss.item():.3f} | turn (forced) {acc:.2f}", flush=True)
 
