@@ -13,6 +13,11 @@
 set -euo pipefail
 
 # ---- per-stage settings: edit here ------------------------------------------------------------------
+# What makes a stage what it is, in every mode: the turn phase is the QA tutorial asking "which way should
+# you turn to face the gold?" alone, with the other families replayed, at a constant rate, training only the
+# brain's keypoint reader, which learns to read the heading (README, "The turn phase").
+ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10 --min-lr-frac 1.0)
+
 # Flags for each stage, by mode. They come before the pass-through flags, which override them.
 
 # tiny on the CPU (the default): steps that fit about 30 minutes in all on a 2-core machine, and
@@ -24,6 +29,8 @@ TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
 TINY_line=(--steps 300 --time-limit 3.5 --eval-every 150 --save-every 150)
 TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
          --first-phrasings 200)
+TINY_turn=(--steps 600 --time-limit 5 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
+           --eval-scenes 50)
 TINY_imitation=(--steps 160 --time-limit 6 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
@@ -38,6 +45,8 @@ QUICK_line=(--steps 4 --batch-size 8 --eval-every 4 --save-every 4 --eval-scenes
             --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --first-phrasings 2 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
           --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_turn=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
+            --replay-sentences 32 --text-batch 8)
 QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3
                  --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_grpo=(--steps 2 --batch-size 2 --group-size 2 --eval-every 2 --save-every 2 --eval-scenes 4 --eval-offsets 0.3
@@ -49,6 +58,7 @@ FULL_image=()
 FULL_text=()
 FULL_line=()
 FULL_qa=()
+FULL_turn=()
 FULL_imitation=()
 FULL_grpo=()
 
@@ -60,13 +70,14 @@ STAGES=(
   "text      pretrain_text.py"
   "line      trick_line.py      image text"
   "qa        tutorial_qa.py     text line"
-  "imitation rl_fake_traces.py  text qa"
-  "grpo      rl_grpo.py         text qa imitation"
+  "turn      tutorial_qa.py     text qa"
+  "imitation rl_fake_traces.py  text qa turn"
+  "grpo      rl_grpo.py         text qa turn imitation"
 )
 # eval.py compares these brains, one column each: the stages' best, so the table shows each skill appear
-# and what later stages made the brain forget (qa against grpo: what RL cost). The last is the final brain.
+# and what later stages made the brain forget (turn against grpo: what RL cost). The last is the final brain.
 # (The imitation brain is left out to save time; its curves are in the final brain's curves picture.)
-EVAL=(image text line qa grpo)
+EVAL=(image text line qa turn grpo)
 # -----------------------------------------------------------------------------------------------------
 
 cd "$(dirname "$0")"
@@ -142,6 +153,7 @@ for line in "${STAGES[@]}"; do
   fi
   cmd=("$PYTHON" "$script" --run-dir "$dir")
   if compgen -G "$dir/*.pt" > /dev/null; then cmd+=(--resume); fi
+  all="ALL_$key[@]"; cmd+=(${!all+"${!all}"})
   setting COMMON; cmd+=(${SETTING[@]+"${SETTING[@]}"})
   setting "$key"; cmd+=(${SETTING[@]+"${SETTING[@]}"})
   cmd+=(${PASS[@]+"${PASS[@]}"})

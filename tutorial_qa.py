@@ -22,6 +22,11 @@ evenly, half in proportion to each family's running answer loss (--focus), so th
 yet learned (turn and ahead, last) get more of the questions (about a fifth each; in the runs measured
 that did not yet make them learnable within 600 batches: README, "QA figures"). --family-every brings the families in one by one instead of all at once (the
 way needed before TextDecoder's summary of the keypoint token; see FAMILY_ORDER).
+--families asks some families only; the others are replayed (core.qa_replay_loss, x --qa-weight) and still
+evaluated. The curriculum's turn phase is this stage again after the seven families: turn alone, 32 scenes
+a batch in one phrasing, the image side and text_enc frozen, at a constant rate, so that the text
+decoder's keypoint reader (the brain's "reader" part, core.KeypointReader) learns to read the heading,
+the only part it trains (README, "The turn phase").
 
 The text is "<s> question <sep> answer </s>" through qa_forward: the text side sees question and answer
 causally, the image is rebuilt from the question only. The loss is on the answer tokens only: the
@@ -68,9 +73,11 @@ FAMILY_ORDER = ["gold_left_right", "gold_above_below", "near", "agent_left_right
 assert sorted(FAMILY_ORDER) == sorted(core.QA_FAMILIES)
 
 
-def asked_families(batch, every):
-    """The families trained at this batch: two at first, one more every `every` batches (0: all at once)."""
-    return FAMILY_ORDER if every <= 0 else FAMILY_ORDER[: 2 + batch // every]
+def asked_families(batch, every, families=FAMILY_ORDER):
+    """The families trained at this batch, of `families` in FAMILY_ORDER: two at first, one more every `every`
+    batches (0: all at once)."""
+    order = [f for f in FAMILY_ORDER if f in families]
+    return order if every <= 0 else order[: 2 + batch // every]
 
 
 def qa_batch(pairs, rng, first=False, answer_variety=1.0):
@@ -146,27 +153,33 @@ def main(argv=None):
     parser.add_argument("--focus", type=float, default=0.5,
                         help="share of the questions given to the families in proportion to their running answer "
                              "loss (the rest: evenly; 0: every scene asked every family once)")
-    core.add_forgetting_args(parser)
+    parser.add_argument("--families", nargs="+", default=FAMILY_ORDER, choices=FAMILY_ORDER, metavar="FAMILY",
+                        help="the families asked (default all seven); with fewer, the others are replayed "
+                             f"(--qa-weight) and still evaluated. One of: {', '.join(FAMILY_ORDER)}")
+    core.add_forgetting_args(parser, qa_replay=True)
     parser.add_argument("--eval-scenes", type=int, default=100, help="held-out scenes per family in each evaluation")
     # text_enc learns the questions at a third of the rate: at the full rate the held-out text loss rose
     # x2.6 in 1,200 batches; at 1e-4 held-back questions were learned much later (README, "QA figures")
     parser.set_defaults(lr_text_enc=3e-4)
     args = parser.parse_args(argv)
 
-    run = core.Run("tutorial_qa", args, trains=NEEDS, mode="max")
+    run = core.Run("tutorial_qa", args, trains=NEEDS + ["reader"], mode="max")
     brain = run.build(run.tokenizer)      # the brain's vocabulary follows the pretrained tokenizer
     core.check_init_parts(run.origins, run.tokenizer, NEEDS, "tutorial_qa")
     tokenizer, size, L = run.tokenizer, run.cfg.img_size, run.cfg.seq_len
     check_lengths(tokenizer, L)
     replay, probe = core.forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
     scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4))
+    # asked a few families, the brain keeps the others by answering them about a few scenes a batch
+    qa = tokenizer if args.qa_weight > 0 and set(args.families) != set(FAMILY_ORDER) else None
+    # scenes balanced on the rarest fact asked (the gold is ahead in 7% of random scenes)
+    balance = "ahead" if "ahead" in args.families else args.families[0]
 
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            # balanced on the rarest fact (the gold is ahead in 7% of scenes); the others come out near even
-            batch_scenes = core.qa_scenes(args.batch_size, rng, families=["ahead"])["ahead"]
-            families = asked_families(batch, args.family_every)
+            batch_scenes = core.qa_scenes(args.batch_size, rng, families=[balance])[balance]
+            families = asked_families(batch, args.family_every, args.families)
             asked = len(families)               # questions per scene: its families drawn by family_shares
             shares = family_shares(families, run.cursor.setdefault("family_loss", {}), args.focus)
             names = [families[i] for _ in batch_scenes
@@ -179,18 +192,20 @@ def main(argv=None):
             # qa_forward taken apart, so that each frame is encoded once for all its questions
             img_tokens, text_tokens = brain.image_context(frames), brain.text_enc(text)
             token_loss = core.answer_token_loss(brain, text_tokens, img_tokens.repeat_interleave(asked, 0), text, amask)
-            heard = (qmask & (text != core.PAD))[::asked]                        # the frame rebuilt from one question
-            recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
-            keep, kept = core.keeping_loss(brain, args, replay, rng)
+            asked_loss = torch.zeros((), device=run.device)
+            if core.trains(brain, "img_enc", "img_dec"):                          # the frame rebuilt from one question
+                heard = (qmask & (text != core.PAD))[::asked]
+                recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
+                asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
+            keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
         answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
         for family, value in family_losses(token_loss, amask, names).items():
             running[family] = value if family not in running else 0.9 * running[family] + 0.1 * value
-        asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
         loss = answer_loss + args.plain_weight * asked_loss + keep
         run.step(loss)
         run.log_step({"loss": loss.item(), "answer": answer_loss.item(), "asked": asked_loss.item(), "plain": kept["plain"].item(),
-                      "text": kept["text"].item()}, samples=len(questions))
+                      "text": kept["text"].item(), "qa": kept["qa"].item()}, samples=len(questions))
         if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, tokenizer, scenes, probe, run.log)
             metrics.update({f"asked_{f}": float(p) for f, p in zip(families, shares)})

@@ -82,6 +82,7 @@ def decoder_readout(brain, tok, scenes, contexts, n_train, a):
         dec.summary = nn.Sequential(Standardise(w), dec.summary)
     brain.text_dec = dec
     dec.requires_grad_(True)
+    brain.reader.requires_grad_(False)           # the brain's own reader as it is: its statistics stay
     fam = core.QA_FAMILIES["turn"]
 
     def answer_loss(rows):

@@ -98,6 +98,9 @@ def test_qa_forward_rebuilds_the_image_from_the_question_only():
 @pytest.mark.parametrize("temperature,allowed", [(1.0, None), (0.7, core.ACTION_TOKENS + [core.EOS])])
 def test_scoring_a_sample_gives_the_probabilities_it_was_sampled_with(temperature, allowed):
     brain = small_brain()
+    with torch.no_grad():      # a reader that has learned something (a fresh one adds zero)
+        brain.reader.mlp[-1].weight.normal_(std=0.5)
+    brain.text_logits(torch.full((4, 2), core.BOS), brain.image_context(torch.rand(4, 3, 32, 32)))   # statistics
     ctx = brain.image_context(torch.rand(4, 3, 32, 32))
     text = torch.full((4, 32), core.PAD)
     text[:, 0] = core.BOS
@@ -112,6 +115,39 @@ def test_scoring_a_sample_gives_the_probabilities_it_was_sampled_with(temperatur
         assert torch.allclose(entropy[row, at], sample.entropies[row, steps], atol=1e-5)
         if allowed:
             assert set(sample.tokens[row, lengths[row]: sample.lengths[row]].tolist()) <= set(allowed)
+
+
+def test_keypoint_reader_learns_statistics_of_image_contexts_only_and_reads_each_row_alone():
+    brain = small_brain()
+    reader, text = brain.reader, torch.full((6, 3), core.BOS)
+    img = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():      # fresh, the reader adds nothing: a brain that gains it answers as before
+        assert not reader(brain.image_context(img)[:, :1]).any()
+    # the first batch sets the statistics to its own; "no image", no_grad and eval mode leave them
+    brain.text_logits(text, brain.image_context(img))
+    said = brain.sentence_autoencoder(text)
+    with torch.no_grad():
+        reader.mlp[-1].weight.normal_(std=0.5)
+    assert torch.equal(said, brain.sentence_autoencoder(text))      # "no image" is not read by the reader
+    token = brain.image_context(img)[:, 0].detach()
+    assert reader.seen == 1 and torch.allclose(reader.mean, token.mean(0), atol=1e-6)
+    assert torch.allclose(reader.var, token.var(0, unbiased=False), atol=1e-6)
+    state = {k: v.clone() for k, v in reader.state_dict().items() if not k.startswith("mlp")}
+    brain.sentence_autoencoder(text)
+    with torch.no_grad():
+        brain.text_logits(text, brain.image_context(img))
+    brain.eval()
+    brain.text_logits(text, brain.image_context(img))
+    brain.train()
+    assert all(torch.equal(v, reader.state_dict()[k]) for k, v in state.items())
+    # then running averages; a batch of one is not folded in; a row reads the same alone as in any batch
+    brain.text_logits(text, brain.image_context(torch.rand(6, 3, 32, 32)))
+    brain.text_logits(text[:1], brain.image_context(img[:1]))
+    assert reader.seen == 2 and not torch.equal(reader.mean, state["mean"])
+    with torch.no_grad():
+        alone = brain.text_logits(text[:1], brain.image_context(img[:1]))
+        assert torch.allclose(alone, brain.text_logits(text, brain.image_context(img))[:1], atol=1e-5)
+        assert not torch.allclose(alone, brain.text_logits(text[:1], brain.image_context(img[1:2])), atol=1e-3)
 
 
 def test_generation_stops_a_row_at_end_token():
@@ -321,10 +357,12 @@ def test_clear_errors_not_tracebacks(tmp_path):
 def test_ddp_two_processes_keep_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(ROOT, "tests", "toy_stage.py"), "--run-dir", str(tmp_path / "run"),
-           *SMALL_ARGS, "--steps", "4", "--dump", str(tmp_path / "w")]
+           *SMALL_ARGS, "--steps", "4", "--read", "--dump", str(tmp_path / "w")]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=180, env=script_env())
     w0, w1 = torch.load(tmp_path / "w.0"), torch.load(tmp_path / "w.1")
+    # the weights, and the keypoint reader's statistics of each rank's own frames, averaged over the ranks
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert w0["reader.seen"] == 4 and not torch.equal(w0["reader.var"], torch.ones(32))
     torch.manual_seed(0)
     init = core.Brain(core.make_config("tiny", **SMALL)).state_dict()
     assert not torch.equal(w0["img_dec.unpatchify.weight"], init["img_dec.unpatchify.weight"])

@@ -16,7 +16,7 @@ import core
 from conftest import ROOT, run_script, script_env
 
 SKILLS = ("image", "text", "line", "qa", "agent")
-STAGES = ("image", "text", "line", "qa", "imitation", "grpo")
+STAGES = ("image", "text", "line", "qa", "turn", "imitation", "grpo")
 
 
 def curriculum(out, *args):
@@ -110,7 +110,9 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     first_column = {s: cells[0] for (s, _), cells in rows.items()}
     assert first_column["image"] != "not trained" and first_column["text"] == "not trained"    # image pretraining
     for name in ("reconstructions", "lines", "qa", "trajectories", "curves"):
-        assert (out / "report" / f"5_rl_grpo_{name}.png").stat().st_size > 1000, name
+        assert (out / "report" / f"6_rl_grpo_{name}.png").stat().st_size > 1000, name
+    turn = open(out / "turn" / "train.log").read()          # the turn phase: turn asked alone, the others kept
+    assert "asked_turn 1" in turn and '"trains": ["reader"]' in turn and "acc_near " in turn
 
     # a third run finds every stage finished and only writes the report again
     third = curriculum(out)

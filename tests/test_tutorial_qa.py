@@ -203,3 +203,26 @@ def test_the_turn_probe_reads_a_brain_three_ways_and_names_bad_input(pretrained)
     assert no_text.returncode != 0 and "no tokenizer" in no_text.stderr and "Traceback" not in no_text.stderr
     bad = run_script("benchmarks/probe_turn.py", "--ckpt", image, "--scenes", 20, "--held-out", 20, check=False)
     assert bad.returncode == 2 and "--held-out must be between" in bad.stderr
+
+
+def test_a_turn_phase_trains_text_dec_on_turn_alone_and_replays_the_other_families(tmp_path, pretrained):
+    """The curriculum's turn phase: turn asked alone, every part frozen but the keypoint reader, the other
+    families replayed; the reader learns the statistics of its scenes."""
+    assert tutorial_qa.asked_families(0, 0, ["ahead", "turn"]) == ["turn", "ahead"]        # in FAMILY_ORDER
+    assert tutorial_qa.asked_families(0, 5, ["near", "turn", "ahead"]) == ["near", "turn"]
+    args = [*stage_args(tmp_path / "t", 4, pretrained), "--families", "turn", "--freeze", "img_enc", "img_dec",
+            "text_enc", "text_dec", "--eval-every", 4]
+    out = run_script("tutorial_qa.py", *args).stdout
+    assert "asked_turn 1" in out and "asked_near" not in out and "text_loss_ratio 1 " in out
+    replayed = [float(v) for v in re.findall(r"\| qa ([\d.]+) \|", out)]
+    assert replayed and all(v > 0 for v in replayed)
+    assert all(f"acc_{family} " in out for family in core.QA_FAMILIES)       # every family still measured
+    ckpt = core.load_checkpoint(str(tmp_path / "t" / "tutorial_qa_best.pt"))
+    before = {**core.load_checkpoint(pretrained[0])["model"], **core.load_checkpoint(pretrained[1])["model"]}
+    assert ckpt["trained_parts"] == ["reader"] and ckpt["model"]["reader.seen"] == 8   # questions and replay, 4 batches
+    assert all(torch.equal(before[k], ckpt["model"][k]) for k in before if k.startswith(("img_enc.", "text_dec.")))
+    assert ckpt["model"]["reader.mlp.2.weight"].abs().sum() > 0
+    bad = run_script("tutorial_qa.py", *args[:-2], "--families", "colour", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'colour'" in bad.stderr
+    plain = run_script("tutorial_qa.py", *stage_args(tmp_path / "all", 2, pretrained), "--log-every", 1).stdout
+    assert re.findall(r"\| qa ([\d.]+) \|", plain) == ["0", "0"]       # all seven asked: nothing to replay

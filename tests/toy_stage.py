@@ -15,12 +15,17 @@ def main(argv=None):
     parser.add_argument("--nan-at", type=int, nargs="*", default=[], help="batches whose loss is made NaN")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each batch")
     parser.add_argument("--dump", default=None, help="write the final weights here (rank appended)")
+    parser.add_argument("--read", action="store_true",
+                        help="text_dec also trains, reading the frames (so its keypoint reader keeps statistics)")
     args = parser.parse_args(argv)
-    run = core.Run("toy", args, trains=["img_enc", "img_dec"])
+    run = core.Run("toy", args, trains=["img_enc", "img_dec"] + ["text_enc", "text_dec", "reader"] * args.read)
     brain = run.build()
     for batch in run.batches():
         frames = torch.rand(args.batch_size, 3, run.cfg.img_size, run.cfg.img_size, generator=run.torch_generator())
         loss = F.mse_loss(brain.img_autoencoder(frames), frames)
+        if args.read:
+            text = torch.full((args.batch_size, 4), core.BOS)
+            loss = loss + brain.text_logits(text, brain.image_context(frames)).float().logsumexp(-1).mean()
         if batch in args.nan_at:
             loss = loss * float("nan")
         run.step(loss)
