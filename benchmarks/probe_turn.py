@@ -12,7 +12,9 @@ heading and the gold's direction together. On fresh bare scenes, with the brain'
      in its first training phrasing and trained on the answer tokens as the QA tutorial is; held-out forced
      accuracy (is the true answer likelier than the other). --standardise puts a BatchNorm on the keypoint
      token before the decoder's summary, --mlp-summary makes the summary a two-layer MLP, --fresh-decoder
-     starts the decoder from random weights (its vocabulary head kept).
+     starts the decoder from random weights (its vocabulary head kept). The brain's own keypoint reader
+     (core.KeypointReader, what came of --standardise --mlp-summary) stays frozen as the checkpoint has
+     it: fresh, it adds nothing.
 
     python benchmarks/probe_turn.py --ckpt runs/curriculum/qa/best
     python benchmarks/probe_turn.py --ckpt runs/curriculum/qa/best --only text_dec --standardise --mlp-summary
