@@ -31,7 +31,7 @@ TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-ever
          --first-phrasings 200)
 TINY_turn=(--steps 600 --time-limit 5 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
            --eval-scenes 50)
-TINY_imitation=(--steps 160 --time-limit 6 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
+TINY_imitation=(--steps 160 --time-limit 5 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
 
