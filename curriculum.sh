@@ -26,12 +26,12 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
-TINY_line=(--steps 300 --time-limit 3.5 --eval-every 150 --save-every 150)
+TINY_line=(--steps 200 --time-limit 2.5 --eval-every 100 --save-every 100)
 TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
          --first-phrasings 200)
 TINY_turn=(--steps 600 --time-limit 5 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
            --eval-scenes 50)
-TINY_imitation=(--steps 160 --time-limit 5 --eval-every 80 --save-every 80 --eval-scenes 32 --eval-offsets 0.1 0.3)
+TINY_imitation=(--steps 200 --time-limit 7 --eval-every 100 --save-every 100 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 10 --time-limit 3 --batch-size 8 --eval-every 5 --save-every 5 --eval-scenes 32
            --eval-offsets 0.1 0.3)
 
