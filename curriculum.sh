@@ -2,7 +2,7 @@
 # curriculum.sh: the whole curriculum in one command. Every stage in order, each starting from the best
 # checkpoints of the ones before it (--init-from), then eval.py on the brains they made.
 #
-#   bash curriculum.sh                                   # tiny brain on the CPU (about 30 minutes on 2 cores)
+#   bash curriculum.sh                                   # tiny brain on the CPU (about 32 minutes on 2 cores)
 #   bash curriculum.sh --quick                           # smoke run: tiny shapes, a few steps (under 3 minutes)
 #   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
 #
@@ -20,7 +20,7 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 
 # Flags for each stage, by mode. They come before the pass-through flags, which override them.
 
-# tiny on the CPU (the default): steps that fit about 30 minutes in all on a 2-core machine, and
+# tiny on the CPU (the default): steps that fit about 32 minutes in all on a 2-core machine, and
 # --time-limit (minutes; a last evaluation follows) as a cap. On this project's shared 2-core machine
 # (load 4-5) the caps ended image, text and line pretraining early: 470/550, 530/650, 243/300 batches.
 TINY_COMMON=()
