@@ -1601,10 +1601,14 @@ def keeping_loss(brain, args, replay, rng, qa=None):
     zero = torch.zeros((), device=device)
     if replay is None:                    # nothing to keep (keeping_setup)
         return zero, {"plain": zero, "text": zero, "qa": zero}
-    plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
+    image_trains = trains(brain, "img_enc", "img_dec")
+    if image_trains:
+        plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
+    else:                           # the scenes drawn but not rendered: the same random stream either way
+        game.pretrain_scenes(args.plain_batch, rng)
     sentences = replay[torch.from_numpy(rng.integers(len(replay), size=args.text_batch))].to(device)
     plain_loss = zero
-    if trains(brain, "img_enc", "img_dec"):
+    if image_trains:
         recon = brain.img_autoencoder(plain)
         plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
     text_trains = trains(brain, "text_enc", "text_dec")
