@@ -24,9 +24,9 @@ that did not yet make them learnable within 600 batches: README, "QA figures"). 
 way needed before TextDecoder's summary of the keypoint token; see FAMILY_ORDER).
 --families asks some families only; the others are replayed (core.qa_replay_loss, x --qa-weight) and still
 evaluated. The curriculum's turn phase is this stage again after the seven families: turn alone, 32 scenes
-a batch in one phrasing, the image side and text_enc frozen, at a constant rate, so that the text
-decoder's keypoint reader (the brain's "reader" part, core.KeypointReader) learns to read the heading,
-the only part it trains (README, "The turn phase").
+a batch in one phrasing, at a constant rate, every part frozen but the brain's keypoint reader
+(core.KeypointReader), which learns to read the heading for the text decoder (README, "The turn phase and
+the keypoint reader").
 
 The text is "<s> question <sep> answer </s>" through qa_forward: the text side sees question and answer
 causally, the image is rebuilt from the question only. The loss is on the answer tokens only: the
