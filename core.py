@@ -1427,6 +1427,8 @@ LINE_PROMPTS = {
                 "Link the green agent and the yellow gold with a blue line.",
                 "Trace a straight blue path from you to the gold."],
 }
+# how much more a line pixel weighs than the rest in the line trick's loss (line_trick_loss)
+LINE_PIXEL_WEIGHT = 20.0
 
 
 def check_init_parts(origins, tokenizer, parts, stage):
@@ -1555,7 +1557,7 @@ def sentence_loss(brain, sentences, chunk=64):
 
 def add_forgetting_args(parser, qa_replay=False):
     """The flags of the losses that keep earlier skills, shared by the skill stages (qa_replay: the stages after
-    the QA tutorial, which also replay its questions)."""
+    the line trick, which also replay it and the QA tutorial's questions)."""
     parser.add_argument("--plain-weight", type=float, default=1.0, help="weight of the plain reconstruction loss")
     parser.add_argument("--plain-batch", type=int, default=16,
                         help="image-pretraining frames per batch for the plain reconstruction loss")
@@ -1572,6 +1574,10 @@ def add_forgetting_args(parser, qa_replay=False):
                             help="weight of the QA replay loss, when the brain has learned QA (0: none)")
         parser.add_argument("--qa-batch", type=int, default=2,
                             help="fresh scenes per family per batch for it, each asked a training question of the family")
+        parser.add_argument("--line-replay-weight", type=float, default=1.0,
+                            help="weight of the line trick's replay loss, when the brain has learned it (0: none)")
+        parser.add_argument("--line-replay-batch", type=int, default=8,
+                            help="fresh scenes per batch for it, each asked for the line in a training prompt")
 
 
 def object_weights(frames, weight):
@@ -1590,17 +1596,19 @@ def trains(brain, *parts):
     return any(p.requires_grad for part in parts for p in getattr(brain, part).parameters())
 
 
-def keeping_loss(brain, args, replay, rng, qa=None):
+def keeping_loss(brain, args, replay, rng, qa=None, line=None):
     """The losses that keep earlier skills while a later stage trains the parts they live in: object-weighted
     plain reconstruction of image-pretraining frames (x --plain-weight), only while an image part trains,
     the text model's own loss on sentences it wrote before the stage (x --text-weight), only while a text
-    part trains (a frozen part cannot forget, and the forward pass would be wasted), and, given the tokenizer as qa,
-    the QA tutorial's questions (qa_replay_loss, x --qa-weight). Returns (weighted sum, {"plain", "text",
-    "qa"} losses); a term not computed is 0, and all are 0 when replay is None."""
+    part trains (a frozen part cannot forget, and the forward pass would be wasted), given the tokenizer as qa,
+    the QA tutorial's questions (qa_replay_loss, x --qa-weight), and given it as line, the line trick
+    (line_replay_loss, x --line-replay-weight), only while a part it lives in trains (img_enc, img_dec, and
+    text_enc, which reads the prompt). Returns (weighted sum, {"plain", "text", "qa", "line"} losses); a term
+    not computed is 0, and all are 0 when replay is None."""
     device = next(brain.parameters()).device
     zero = torch.zeros((), device=device)
     if replay is None:                    # nothing to keep (keeping_setup)
-        return zero, {"plain": zero, "text": zero, "qa": zero}
+        return zero, {"plain": zero, "text": zero, "qa": zero, "line": zero}
     image_trains = trains(brain, "img_enc", "img_dec")
     if image_trains:
         plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
@@ -1614,10 +1622,36 @@ def keeping_loss(brain, args, replay, rng, qa=None):
     text_trains = trains(brain, "text_enc", "text_dec")
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
     answered = qa_replay_loss(brain, qa, args.qa_batch, rng) if qa is not None else zero
+    drawn = (line_replay_loss(brain, line, args.line_replay_batch, rng)
+             if line is not None and trains(brain, "img_enc", "img_dec", "text_enc") else zero)
     total = args.plain_weight * plain_loss + args.text_weight * said
     if qa is not None:
         total = total + args.qa_weight * answered
-    return total, {"plain": plain_loss, "text": said, "qa": answered}
+    if line is not None:
+        total = total + args.line_replay_weight * drawn
+    return total, {"plain": plain_loss, "text": said, "qa": answered, "line": drawn}
+
+
+def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT):
+    """The line trick's loss: squared error of the redrawn frames against `want` (the line targets, or on a
+    control row the frame itself), line pixels (where the target differs from the frame) weighing line_weight
+    times the rest. They are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on a
+    control row the same weight makes a phantom line as costly as a missing one."""
+    weight = 1 + (line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
+    return (weight * (recon.float() - want) ** 2).mean()
+
+
+def line_replay_loss(brain, tokenizer, n, rng):
+    """The line trick's loss on n fresh bare scenes, each asked in a training prompt: replayed by the stages
+    after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
+    given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
+    QA tutorial, a line in 0% of scenes; README, "Seventh session")."""
+    device, cfg = next(brain.parameters()).device, brain.cfg
+    scenes = [game.random_bare_settings(rng) for _ in range(n)]
+    frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)
+    prompts = LINE_PROMPTS["train"]
+    text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
+    return line_trick_loss(brain(text, frames)[1], frames, targets, targets)
 
 
 def qa_replay_loss(brain, tokenizer, n, rng):
@@ -1652,16 +1686,26 @@ def answer_token_loss(brain, text_tokens, ctx, text, amask):
 
 
 def keeping_setup(run, brain, args):
-    """(replay sentences, forgetting probe, qa) for keeping_loss and forgetting: qa is the tokenizer when the
-    brain has learned QA and --qa-weight > 0 (its questions are replayed), else None. (None, None, None) for a
-    brain whose --init-from gave it no text model (no tokenizer): it has no earlier skills to keep."""
+    """(replay sentences, forgetting probe, qa, line) for keeping_loss and forgetting: qa is the tokenizer when
+    the brain has learned QA and --qa-weight > 0 (its questions are replayed), else None; line likewise for
+    the line trick (replayed_line). (None, None, None, None) for a brain whose --init-from gave it no text
+    model (no tokenizer): it has no earlier skills to keep."""
     if run.tokenizer is None:
         run.log("no tokenizer from --init-from: no earlier skills to keep, so no plain reconstruction or text replay")
-        return None, None, None
+        return None, None, None, None
     qa = run.tokenizer if "qa" in run.skills and getattr(args, "qa_weight", 0) > 0 else None
     if qa is not None:
         run.log(f"the brain has learned QA: its questions are replayed (--qa-weight {args.qa_weight})")
-    return (*forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames), qa)
+    return (*forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames), qa, replayed_line(run, args))
+
+
+def replayed_line(run, args):
+    """The tokenizer when the brain has learned the line trick and --line-replay-weight > 0 (keeping_loss then
+    replays it), else None."""
+    if "line" not in run.skills or getattr(args, "line_replay_weight", 0) <= 0 or run.tokenizer is None:
+        return None
+    run.log(f"the brain has learned the line trick: it is replayed (--line-replay-weight {args.line_replay_weight})")
+    return run.tokenizer
 
 
 def forgetting_baseline(run, brain, n_replay, n_heldout):
@@ -1694,10 +1738,17 @@ def forgetting(brain, probe):
 
 
 @torch.no_grad()
-def kept_skills(brain, probe, qa=None, qa_scenes_per_family=32):
-    """The agent stages' forgetting figures: forgetting(brain, probe) (nothing without a probe) and, given the
-    tokenizer as qa (keeping_setup), the QA accuracy teacher-forced on held-out scenes, per family and mean."""
+def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_scenes=64):
+    """The later stages' forgetting figures: forgetting(brain, probe) (nothing without a probe), given the
+    tokenizer as qa (keeping_setup), the QA accuracy teacher-forced on held-out scenes, per family and mean,
+    and given it as line, the line trick's IoU on held-out scenes with held-back prompts (line_iou_kept) and
+    with the training prompts, which the replay asks."""
     out = forgetting(brain, probe) if probe is not None else {}
+    if line is not None:
+        rng = heldout_rng(0, salt=3)                   # the line trick's own held-out scenes
+        scenes = [game.random_bare_settings(rng) for _ in range(line_scenes)]
+        for name, key in (("heldout", "line_iou_kept"), ("train", "line_iou_kept_train_prompts")):
+            out[key] = line_metrics(brain, line, scenes, LINE_PROMPTS[name])[0]["line_iou"]
     if qa is not None:
         forced = qa_forced_accuracy(brain, qa, qa_scenes(qa_scenes_per_family, heldout_rng(0, salt=4)))
         out.update({f"qa_forced_{family}": v for family, v in forced.items()})

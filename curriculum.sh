@@ -12,9 +12,11 @@
 # --device also go to eval.py. Running it again after a kill or a crash continues: a stage whose folder holds
 # finished.json is skipped, an interrupted one resumes from its newest checkpoint (--resume), and the report
 # is rewritten.
+{ # the whole script is one block, read before it runs: editing this file while a curriculum runs is safe
 set -euo pipefail
 if [ "${BASH_VERSINFO[0]}" -lt 5 ] || { [ "${BASH_VERSINFO[0]}" -eq 5 ] && [ "${BASH_VERSINFO[1]}" -lt 1 ]; }; then
-  echo "error: curriculum.sh needs bash 5.1 or newer (it waits for whichever stage ends first); this is $BASH_VERSION" >&2
+  echo "error: curriculum.sh needs bash 5.1 or newer (it waits for whichever stage ends first);" \
+       "this is $BASH_VERSION" >&2
   exit 2
 fi
 
@@ -48,21 +50,22 @@ TINY_grpo=(--steps 8 --time-limit 2.5 --freeze img_enc img_dec --batch-size 8 --
            --eval-scenes 32 --eval-offsets 0.1 0.3)
 
 # --quick: the smallest brain the tests use and a few steps of each stage; eval.py --quick. The tiny
-# preset's vocabulary and sequence length, so a question that no longer fits them fails here too.
+# preset's vocabulary and sequence length, so a question that no longer fits them fails here too, and the
+# tiny mode's frozen parts, so a stage that would not find a part it needs fails here too.
 QUICK_COMMON=(--img-size 32 --patch 8 --width 32 --img-heads 2 --text-heads 2 --value-heads 2 --warmup 2
               --log-every 2)
 QUICK_image=(--steps 8 --batch-size 8 --eval-every 8 --save-every 8 --eval-frames 16)
 QUICK_text=(--steps 8 --batch-size 16 --eval-every 8 --save-every 8 --samples 1)
-QUICK_line=(--steps 4 --batch-size 8 --eval-every 4 --save-every 4 --eval-scenes 8 --eval-frames 8
-            --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_line=(--steps 4 --freeze img_enc text_enc text_dec --batch-size 8 --eval-every 4 --save-every 4
+            --eval-scenes 8 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --first-phrasings 2 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
           --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_turn=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
             --replay-sentences 32 --text-batch 8)
-QUICK_imitation=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4 --eval-offsets 0.3
-                 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
-QUICK_grpo=(--steps 2 --batch-size 2 --group-size 2 --eval-every 2 --save-every 2 --eval-scenes 4 --eval-offsets 0.3
-            --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_imitation=(--steps 4 --freeze img_enc img_dec --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4
+                 --eval-offsets 0.3 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
+QUICK_grpo=(--steps 2 --freeze img_enc img_dec --batch-size 2 --group-size 2 --eval-every 2 --save-every 2
+            --eval-scenes 4 --eval-offsets 0.3 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 
 # Any other preset (--preset small / base): the stages' own defaults, which are budgets for a GPU.
 FULL_COMMON=()
@@ -75,13 +78,14 @@ FULL_imitation=()
 FULL_grpo=()
 
 # The stages: folder name, script, and the folders (under --out-dir) whose best checkpoints it starts from.
-# init-from takes each part from the last of them that trained it: the line trick trains the image parts
-# only, so the text pretraining is named again for the QA tutorial (and after it, where it does no harm).
+# init-from takes each part from the last of them that trained it: the line trick trains no text part (and in
+# the tiny mode only img_dec), so the image and text pretraining are named before it for the QA tutorial
+# (the text pretraining after it too, where it does no harm).
 STAGES=(
   "image     pretrain_image.py"
   "text      pretrain_text.py"
   "line      trick_line.py      image text"
-  "qa        tutorial_qa.py     text line"
+  "qa        tutorial_qa.py     image text line"
   "turn      tutorial_qa.py     text qa"
   "imitation rl_fake_traces.py  text qa turn"
   "grpo      rl_grpo.py         text qa turn imitation"
@@ -117,7 +121,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then echo "error: --jobs wants a whole number of stages, 1 or more; got '$JOBS'" >&2; exit 2; fi
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --jobs wants a whole number of stages, 1 or more; got '$JOBS'" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 LOG="$OUT/curriculum.log"
 say() { echo "$(date '+%F %T') curriculum $*" | tee -a "$LOG"; }
@@ -171,7 +178,8 @@ stage_command() {
   fi
 }
 
-say "start: mode $MODE, folder $OUT, up to $JOBS stages at once, stage flags: ${PASS[*]:-none} ($(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+say "start: mode $MODE, folder $OUT, up to $JOBS stages at once, stage flags: ${PASS[*]:-none}" \
+    "($(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
 START=$SECONDS
 # Each stage starts once the stages it starts from have finished, in the order of STAGES, up to --jobs at a
 # time: image and text pretraining side by side, the rest one after another.
@@ -226,3 +234,5 @@ if ! wait "${PIDS[eval]}"; then
   exit 1
 fi
 say "done in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s; report: $OUT/report/report.md"
+exit 0
+}

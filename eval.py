@@ -11,7 +11,8 @@ as "not trained", not measured), on held-out seeds fixed in core.py and shared w
          frames whose agent, eye, gold and walls come back in their colours
   text   next-token loss and perplexity on the text pretraining's held-out sentences (they travel in the
          checkpoint), beside a unigram model fit on those very sentences; sampled sentences
-  line   line IoU with the held-back prompts, beside drawing nothing and drawing the mean line; angle and
+  line   line IoU with the held-back prompts, beside drawing nothing and drawing the mean line, and with the
+         training prompts (a later stage can keep the trick for the prompts it replays only); angle and
          length errors; lines drawn when nobody asked (plain reconstruction)
   qa     accuracy per question family with the held-back phrasings, beside chance
   agent  success within 31 actions and actions to the gold at several offsets, greedy and sampled, beside
@@ -108,12 +109,14 @@ def line_figures(c, sizes, prefix):
     rng = core.heldout_rng(0, salt=3)            # trick_line.py's held-out scenes
     scenes = [game.random_bare_settings(rng) for _ in range(sizes["line_scenes"])]
     m, pictures = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["heldout"])
+    trained = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["train"])[0]
     core.save_image_grid([pictures[k][:8] for k in ("scene", "target", "prediction")], prefix + "lines.png")
     plain = torch.cat([c.brain.img_autoencoder(f) for f in pictures["scene"].split(64)])
     phantom = (core.line_mask(plain).flatten(1).sum(1) >= 3).float().mean().item()
     return [("line IoU, held-back prompts", m["line_iou"], "num"),
             ("baseline: IoU of drawing nothing", m["iou_nothing"], "num"),
             ("baseline: IoU of the mean line", m["iou_mean_line"], "num"),
+            ("line IoU, training prompts", trained["line_iou"], "num"),
             ("line drawn (share of scenes)", m["line_found"], "pct"),
             ("angle error (degrees)", m["angle_err_deg"], "num"),
             ("length error (board units)", m["length_err"], "num"),

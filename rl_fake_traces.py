@@ -44,7 +44,7 @@ def main(argv=None):
     size, seq_len = run.cfg.img_size, run.cfg.seq_len
     if seq_len < game.MAX_ACTIONS + 1:
         raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
-    replay, probe, qa = core.keeping_setup(run, brain, args)
+    replay, probe, qa, line = core.keeping_setup(run, brain, args)
 
     for batch in run.batches():
         rng = run.rng()
@@ -72,15 +72,16 @@ def main(argv=None):
         with run.autocast():
             logp, entropy = core.score_actions(brain, states, text, step, size, targets=targets)
             imitation = -logp.float().mean()
-            keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
+            keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
         loss = imitation + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "imitation": imitation.item(), "plain": kept["plain"].item(),
-                      "text": kept["text"].item(), "qa": kept["qa"].item(), "oracle_action_prob": logp.exp().mean().item(),
-                      "entropy": entropy.mean().item(), "actions": len(step)}, samples=len(step))
+        run.log_step({"loss": loss.item(), "imitation": imitation.item(),
+                      **{name: value.item() for name, value in kept.items()},
+                      "oracle_action_prob": logp.exp().mean().item(), "entropy": entropy.mean().item(),
+                      "actions": len(step)}, samples=len(step))
         if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
-            metrics.update(core.kept_skills(brain, probe, qa))
+            metrics.update(core.kept_skills(brain, probe, qa, line))
             run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
                      if f"greedy_success@{args.max_agent_offset}" in metrics else None)
         elif run.due(args.save_every):

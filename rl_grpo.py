@@ -58,7 +58,7 @@ def main(argv=None):
 
     run = core.Run("rl_grpo", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)
-    replay, probe, qa = core.keeping_setup(run, brain, args)
+    replay, probe, qa, line = core.keeping_setup(run, brain, args)
     size, device, G = run.cfg.img_size, run.device, args.group_size
     ref = None
     if args.kl_coef > 0 and args.init_from:
@@ -141,7 +141,7 @@ def main(argv=None):
                 stats["entropy"] += entropy.detach().sum().item()
             if replay is not None:            # the earlier skills, once per optimizer step
                 with run.autocast():
-                    keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
+                    keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
                 keep.backward()
                 total += keep.item()
                 for name, value in kept.items():
@@ -161,12 +161,12 @@ def main(argv=None):
                       "episode_len": played.steps.float().mean().item(), "entropy": stats["entropy"] / n,
                       "approx_kl": stats["approx_kl"] / n, "clip_frac": stats["clip_frac"] / n,
                       "kl_ref": stats["kl_ref"], "zero_spread": zero_spread, "offset": offset,
-                      **{name: stats[name] / args.epochs for name in ("plain", "text", "qa")},
+                      **{name: stats[name] / args.epochs for name in ("plain", "text", "qa", "line")},
                       "round_s": time.time() - t0, "rollout_steps_per_s": played.steps.sum().item() / rollout_s,
                       "rss_mb": core.rss_mb()}, samples=len(played.success))
         if run.due(args.eval_every) or run.final():
             metrics = core.evaluate_agent(brain, size, device, eval_offsets, args.eval_scenes)
-            metrics.update(core.kept_skills(brain, probe, qa))
+            metrics.update(core.kept_skills(brain, probe, qa, line))
             run.save(metrics, metric=metrics.get(target))
         elif run.due(args.save_every):
             run.save()

@@ -5,12 +5,13 @@ redraws the frame with a blue bar from the agent's rim to the gold's rim (game.l
 learned this and forgot how to redraw a plain frame (150x worse, with phantom blue lines), so three
 losses are mixed:
 
-  line   forward(text, frame)'s image against its target. Most rows get a prompt and must draw the line;
-         --control-share of them get an ordinary sentence (one the text model itself wrote) and must give
-         the frame back unchanged, so the line is drawn because it was asked for. Line pixels (where the
-         line target differs from the frame) weigh --line-weight more in both kinds of row: they are about
-         0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows the same weight
-         makes a phantom line as costly as a missing one.
+  line   forward(text, frame)'s image against its target (core.line_trick_loss). Most rows get a prompt
+         and must draw the line; --control-share of them get an ordinary sentence (one the text model itself
+         wrote) and must give the frame back unchanged, so the line is drawn because it was asked for. Line
+         pixels (where the line target differs from the frame) weigh --line-weight more in both kinds of row:
+         they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
+         the same weight makes a phantom line as costly as a missing one. The stages after this one replay
+         it (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
   text   next-token loss of the text model on sentences it wrote itself before this stage, x --text-weight
          (no corpus needed: it pulls the text model back to the language it had). Only when the text parts
@@ -63,7 +64,8 @@ def evaluate(brain, tokenizer, scenes, controls, probe, png):
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=1500, batch_size=32, lr=3e-4, warmup=100, eval_every=250,
                                save_every=250)
-    parser.add_argument("--line-weight", type=float, default=20.0, help="loss weight of line pixels against the rest")
+    parser.add_argument("--line-weight", type=float, default=core.LINE_PIXEL_WEIGHT,
+                        help="loss weight of line pixels against the rest")
     parser.add_argument("--control-share", type=float, default=0.25,
                         help="share of rows given an ordinary sentence, whose target is the frame unchanged")
     core.add_forgetting_args(parser)
@@ -93,9 +95,8 @@ def main(argv=None):
         with run.autocast():
             _, recon = brain(text, frames)
             keep, kept = core.keeping_loss(brain, args, replay, rng)
-        weight = 1 + (args.line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
         want = torch.where(control[:, None, None, None], frames, targets)
-        line_loss = (weight * (recon.float() - want) ** 2).mean()
+        line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight)
         loss = line_loss + keep
         run.step(loss)
         run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": kept["plain"].item(),

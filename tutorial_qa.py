@@ -172,6 +172,7 @@ def main(argv=None):
     scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4))
     # asked a few families, the brain keeps the others by answering them about a few scenes a batch
     qa = tokenizer if args.qa_weight > 0 and set(args.families) != set(FAMILY_ORDER) else None
+    line = core.replayed_line(run, args)   # the line trick, learned before, drawn on a few scenes a batch
     # scenes balanced on the rarest fact asked (the gold is ahead in 7% of random scenes)
     balance = "ahead" if "ahead" in args.families else args.families[0]
 
@@ -197,18 +198,19 @@ def main(argv=None):
                 heard = (qmask & (text != core.PAD))[::asked]
                 recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
                 asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
-            keep, kept = core.keeping_loss(brain, args, replay, rng, qa)
+            keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
         answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
         for family, value in family_losses(token_loss, amask, names).items():
             running[family] = value if family not in running else 0.9 * running[family] + 0.1 * value
         loss = answer_loss + args.plain_weight * asked_loss + keep
         run.step(loss)
-        run.log_step({"loss": loss.item(), "answer": answer_loss.item(), "asked": asked_loss.item(), "plain": kept["plain"].item(),
-                      "text": kept["text"].item(), "qa": kept["qa"].item()}, samples=len(questions))
+        run.log_step({"loss": loss.item(), "answer": answer_loss.item(), "asked": asked_loss.item(),
+                      **{name: value.item() for name, value in kept.items()}}, samples=len(questions))
         if run.due(args.eval_every) or run.final():
             metrics = evaluate(brain, tokenizer, scenes, probe, run.log)
             metrics.update({f"asked_{f}": float(p) for f, p in zip(families, shares)})
+            metrics.update(core.kept_skills(brain, None, line=line))
             run.save(metrics, metric=metrics["acc_mean"])
         elif run.due(args.save_every):
             run.save()

@@ -1,9 +1,11 @@
 """The line trick: its metrics on hand-made pictures, and the stage as a user runs it (a few steps of a
 small brain from small pretrained checkpoints, exact resume after SIGKILL, a clear error without text parts)."""
+import argparse
 import json
 import math
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ import core
 import game
 import pretrain_text
 from conftest import kill_when, run_script
-from pretrained import SKILL_ARGS, pretrain
+from pretrained import SKILL_ARGS, pretrain, skill_sentences
 
 SIZE = 64
 
@@ -117,3 +119,29 @@ def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pret
     bad = run_script("trick_line.py", *stage_args(tmp_path, 2, pretrained[:1]), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "text_enc" in bad.stderr and "tokenizer" in bad.stderr
+
+
+def test_the_stages_after_the_trick_replay_it_while_a_part_it_lives_in_trains():
+    """keeping_loss, handed the tokenizer as `line`, adds the line trick's loss on fresh scenes x
+    --line-replay-weight, whose gradient reaches img_dec and text_enc (which reads the prompt); with img_enc,
+    img_dec and text_enc frozen it is not computed, nor without the tokenizer."""
+    tokenizer = core.Tokenizer.train(skill_sentences(), 600)
+    torch.manual_seed(0)
+    brain = core.Brain(core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2,
+                                        value_heads=2, vocab=tokenizer.vocab))
+    parser = argparse.ArgumentParser()
+    core.add_forgetting_args(parser, qa_replay=True)
+    args = lambda weight: parser.parse_args(["--plain-weight", "0", "--text-weight", "0", "--line-replay-batch", "4",
+                                             "--line-replay-weight", str(weight)])
+    replay = tokenizer.encode(["The red cat sat by the door."] * 4, brain.cfg.seq_len)
+    total, kept = core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)
+    assert kept["line"].item() > 0 and total.item() == pytest.approx(kept["line"].item())
+    doubled = core.keeping_loss(brain, args(2), replay, np.random.default_rng(1), line=tokenizer)[0]
+    assert doubled.item() == pytest.approx(2 * total.item())
+    total.backward()
+    assert brain.img_dec.unpatchify.weight.grad.abs().sum() > 0
+    assert brain.text_enc.tok_emb.weight.grad.abs().sum() > 0
+    assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1))[1]["line"].item() == 0
+    for part in ("img_enc", "img_dec", "text_enc"):
+        getattr(brain, part).requires_grad_(False)
+    assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)[1]["line"].item() == 0
