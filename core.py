@@ -1645,7 +1645,8 @@ def line_replay_loss(brain, tokenizer, n, rng):
     """The line trick's loss on n fresh bare scenes, each asked in a training prompt: replayed by the stages
     after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
-    QA tutorial, a line in 0% of scenes; README, "Seventh session")."""
+    QA tutorial, a line in 0% of scenes). With it the training prompts keep the line; the held-back ones do not,
+    as the QA tutorial trains text_enc for its questions and their features move (README, "Keeping the line")."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     scenes = [game.random_bare_settings(rng) for _ in range(n)]
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)

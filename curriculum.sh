@@ -2,7 +2,7 @@
 # curriculum.sh: the whole curriculum in one command. Every stage in order, each starting from the best
 # checkpoints of the ones before it (--init-from), then eval.py on the brains they made.
 #
-#   bash curriculum.sh                                   # tiny brain on the CPU (about 30 minutes on 2 cores)
+#   bash curriculum.sh                                   # tiny brain on the CPU (about 27 minutes on 2 cores)
 #   bash curriculum.sh --quick                           # smoke run: tiny shapes, a few steps (under 3 minutes)
 #   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
 #
@@ -32,9 +32,9 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 # pretraining side by side, one core each), and --time-limit (minutes; a last evaluation follows) as a cap.
 # On this project's shared 2-core machine (load 4-5) the caps ended image, text and line pretraining early:
 # 470/550, 530/650, 243/300 batches. The line trick and the agent stages leave the image encoder as image
-# pretraining and the QA tutorial made it (--freeze): on this CPU a batch costs half, and in the same minutes
+# pretraining and the QA tutorial made it (--freeze): on this CPU a batch costs about 60%, and in the same minutes
 # the line trick reached IoU 0.04 instead of 0.007-0.02 and imitation greedy 59% at offset 0.3 instead of 9%
-# (README, "Seventh session").
+# (README: "Line trick figures", "Seventh session: imitation with the image encoder frozen").
 TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
