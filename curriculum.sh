@@ -35,36 +35,39 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 # pretraining and the QA tutorial made it (--freeze): on this CPU a batch costs about 60%, and in the same minutes
 # the line trick reached IoU 0.04 instead of 0.007-0.02 and imitation greedy 59% at offset 0.3 instead of 9%
 # (README: "Line trick figures", "Seventh session: imitation with the image encoder frozen").
+# what the tiny mode leaves frozen (--quick too, so that CI runs the same init-from paths)
+FROZEN_line=(--freeze img_enc text_enc text_dec)
+FROZEN_agent=(--freeze img_enc img_dec)
 TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
-TINY_line=(--steps 400 --time-limit 3 --lr 1e-3 --freeze img_enc text_enc text_dec --eval-every 200
+TINY_line=(--steps 400 --time-limit 3 --lr 1e-3 "${FROZEN_line[@]}" --eval-every 200
            --save-every 200 --eval-scenes 128)
 TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
          --first-phrasings 200)
 TINY_turn=(--steps 600 --time-limit 5 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
            --eval-scenes 50)
-TINY_imitation=(--steps 300 --time-limit 7 --freeze img_enc img_dec --eval-every 100 --save-every 100
+TINY_imitation=(--steps 300 --time-limit 7 "${FROZEN_agent[@]}" --eval-every 100 --save-every 100
                 --eval-scenes 32 --eval-offsets 0.1 0.3)
-TINY_grpo=(--steps 8 --time-limit 2.5 --freeze img_enc img_dec --batch-size 8 --eval-every 4 --save-every 4
+TINY_grpo=(--steps 8 --time-limit 2.5 "${FROZEN_agent[@]}" --batch-size 8 --eval-every 4 --save-every 4
            --eval-scenes 32 --eval-offsets 0.1 0.3)
 
 # --quick: the smallest brain the tests use and a few steps of each stage; eval.py --quick. The tiny
 # preset's vocabulary and sequence length, so a question that no longer fits them fails here too, and the
-# tiny mode's frozen parts, so a stage that would not find a part it needs fails here too.
+# tiny mode's frozen parts (FROZEN_*), so a stage that would not find a part it needs fails here too.
 QUICK_COMMON=(--img-size 32 --patch 8 --width 32 --img-heads 2 --text-heads 2 --value-heads 2 --warmup 2
               --log-every 2)
 QUICK_image=(--steps 8 --batch-size 8 --eval-every 8 --save-every 8 --eval-frames 16)
 QUICK_text=(--steps 8 --batch-size 16 --eval-every 8 --save-every 8 --samples 1)
-QUICK_line=(--steps 4 --freeze img_enc text_enc text_dec --batch-size 8 --eval-every 4 --save-every 4
+QUICK_line=(--steps 4 "${FROZEN_line[@]}" --batch-size 8 --eval-every 4 --save-every 4
             --eval-scenes 8 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_qa=(--steps 4 --batch-size 4 --family-every 1 --first-phrasings 2 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
           --replay-sentences 32 --plain-batch 4 --text-batch 8)
 QUICK_turn=(--steps 4 --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 2 --eval-frames 8
             --replay-sentences 32 --text-batch 8)
-QUICK_imitation=(--steps 4 --freeze img_enc img_dec --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4
+QUICK_imitation=(--steps 4 "${FROZEN_agent[@]}" --batch-size 4 --eval-every 4 --save-every 4 --eval-scenes 4
                  --eval-offsets 0.3 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
-QUICK_grpo=(--steps 2 --freeze img_enc img_dec --batch-size 2 --group-size 2 --eval-every 2 --save-every 2
+QUICK_grpo=(--steps 2 "${FROZEN_agent[@]}" --batch-size 2 --group-size 2 --eval-every 2 --save-every 2
             --eval-scenes 4 --eval-offsets 0.3 --eval-frames 8 --replay-sentences 32 --plain-batch 4 --text-batch 8)
 
 # Any other preset (--preset small / base): the stages' own defaults, which are budgets for a GPU.
