@@ -49,6 +49,7 @@ class BrainConfig:
     mlp_ratio: int = 4          # MLP hidden width / model width
     null_tokens: int = 4        # learned tokens standing for "no text" / "no image"
     keypoints: int = 24         # spatial-softmax heat maps of the image encoder, read out as one token (0: none)
+    strokes: int = 1            # straight strokes the image decoder may paint over its patches (0: none)
 
 
 PRESETS = {
@@ -283,6 +284,78 @@ class ImageEncoder(nn.Module):
         return torch.cat([self.keypoints(ink).to(x.dtype), x], 1)
 
 
+class Strokes(nn.Module):
+    """Straight strokes painted over the decoder's patches. Each stroke runs between two pointers: an attention
+    of a query (read from the keypoint token's place after the decoder blocks, which has read the text) over
+    the patch tokens, the point being the attention-weighted mean of the patch centres, each moved by an
+    offset its token proposes (where in the patch). The stroke is then trimmed at both ends by lengths read
+    from the same token (a line runs from an object's rim, not its centre), which also gives its half-width,
+    opacity and colour. paint() draws it; its opacity starts near zero, so a decoder that gains strokes
+    rebuilds frames as before.
+
+    Why: a patch token draws its 12x12 pixels through one linear map, and a 2 px bar at any angle and offset
+    through a patch is not something that map learns in a few hundred batches: the tiny line trick painted the
+    agent's and the gold's patches light blue and nothing between (IoU 0.041, drawing nothing 0.0195). A
+    segment is known by its ends, and the ends of this one are where things are: pointing at the patch that
+    holds the agent is a matter of matching its token. Taught where the ends of a line target's bar are
+    (line_trick_loss), the same tiny line trick reached IoU 0.17 in 400 batches (README, "Strokes")."""
+
+    SHARPNESS = 4.0     # the pointers' attention logits x this over the usual 1/sqrt(width): sharper from the start
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n, W = cfg.strokes, cfg.width
+        self.ln_q, self.ln_k = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.query = nn.Linear(W, 2 * cfg.strokes * W)
+        self.key = nn.Linear(W, W)
+        self.offset = nn.Linear(W, 4 * cfg.strokes)
+        self.style = nn.Linear(W, 7 * cfg.strokes)          # trims (2), half-width, opacity, colour (3)
+        g = cfg.img_size // cfg.patch
+        centre = (torch.arange(g, dtype=torch.float) + 0.5) / g
+        y, x = torch.meshgrid(centre, centre, indexing="ij")
+        self.register_buffer("centres", torch.stack([x.flatten(), y.flatten()], 1), persistent=False)   # (G*G, 2)
+        self.pixel, self.patch = 1.0 / cfg.img_size, cfg.patch / cfg.img_size
+
+    def forward(self, token, patches, img):
+        """token (B, width), patches (B, G*G, width), img (B, 3, H, W) -> (img with the strokes painted over it,
+        their ends (B, n, 2, 2): x right, y down, board units)."""
+        B, P, W = patches.shape
+        token, patches = token.float(), patches.float()
+        q = self.query(self.ln_q(token)).view(B, 2 * self.n, W)
+        k = self.key(self.ln_k(patches))
+        w = torch.softmax(q @ k.transpose(1, 2) * (self.SHARPNESS / math.sqrt(W)), -1)         # (B, 2n, P)
+        at = self.centres + self.patch * torch.tanh(self.offset(patches)).view(B, P, 2 * self.n, 2).transpose(1, 2)
+        points = (w[..., None] * at).sum(2).view(B, self.n, 2, 2)
+        s = self.style(token).view(B, self.n, 7)
+        u = points[:, :, 1] - points[:, :, 0]
+        u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        trim = self.pixel * F.softplus(s[..., 0:2] + 2.0)                   # about 2 px at first
+        ends = torch.stack([points[:, :, 0] + trim[..., :1] * u, points[:, :, 1] - trim[..., 1:] * u], 2)
+        half_width = self.pixel * F.softplus(s[..., 2] + 1.0)                # about a pixel at first
+        opacity = torch.sigmoid(s[..., 3] - 4.0)                             # about 2% at first
+        return paint(img, ends, half_width, opacity, torch.sigmoid(s[..., 4:7])), ends
+
+
+def paint(img, ends, half_width, opacity, colour):
+    """Bars over images: img (B, 3, H, W); per bar (B, n, ...) its ends (2, 2) and half-width in board units
+    (x right, y down), opacity and colour (3); painted in order, later over earlier. A pixel at distance d from
+    a bar's segment is covered by opacity / (1 + (d / half-width)^2): half at the half-width, and a long tail,
+    so a stroke near its target already feels which way to move."""
+    B, _, H, W = img.shape
+    ys = ((torch.arange(H, device=img.device, dtype=torch.float) + 0.5) / H)[:, None]          # (H, 1)
+    xs = ((torch.arange(W, device=img.device, dtype=torch.float) + 0.5) / W)[None, :]          # (1, W)
+    out = img.float()
+    for k in range(ends.shape[1]):
+        e = ends[:, k, :, :, None, None]                                    # (B, 2 ends, 2 coords, 1, 1)
+        ax, ay, abx, aby = e[:, 0, 0], e[:, 0, 1], e[:, 1, 0] - e[:, 0, 0], e[:, 1, 1] - e[:, 0, 1]
+        px, py = xs - ax, ys - ay                                            # (B, H, W) by broadcasting
+        t = ((px * abx + py * aby) / (abx * abx + aby * aby).clamp(min=1e-8)).clamp(0, 1)
+        dx, dy = px - t * abx, py - t * aby
+        cover = opacity[:, k, None, None] / (1 + (dx * dx + dy * dy) / half_width[:, k, None, None] ** 2)
+        out = out + cover[:, None] * (colour[:, k, :, None, None] - out)
+    return out.view(B, 3, H, W).to(img.dtype)
+
+
 class ImageDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -293,14 +366,21 @@ class ImageDecoder(nn.Module):
                                     for _ in range(cfg.img_dec_layers))
         self.ln = nn.LayerNorm(cfg.width)
         self.unpatchify = nn.Linear(cfg.width, 3 * cfg.patch ** 2)
+        self.strokes = Strokes(cfg) if cfg.strokes else None
 
-    def forward(self, img_tokens, ctx, ctx_mask=None):
+    def forward(self, img_tokens, ctx, ctx_mask=None, ends=False, strokes=True):
+        """The image (B, 3, H, W); with ends, (image, the strokes' ends (B, strokes, 2, 2) or None). Without
+        strokes (or cfg.strokes 0) none are painted."""
         x = img_tokens
         for blk in self.blocks:
             x = blk(x, ctx, ctx_mask)
         p, g = self.cfg.patch, self.cfg.img_size // self.cfg.patch
-        x = self.unpatchify(self.ln(x[:, -g * g:])).view(-1, g, g, 3, p, p)     # the patch tokens (keypoints first)
-        return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, g * p, g * p)
+        img = self.unpatchify(self.ln(x[:, -g * g:])).view(-1, g, g, 3, p, p)     # the patch tokens (keypoints first)
+        img = img.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, g * p, g * p)
+        drawn = None
+        if strokes and self.strokes is not None:     # the strokes read the keypoint token's place (the mean token without keypoints)
+            img, drawn = self.strokes(x[:, 0] if self.cfg.keypoints else x.mean(1), x[:, -g * g:], img)
+        return (img, drawn) if ends else img
 
 
 class TextEncoder(nn.Module):
@@ -484,6 +564,10 @@ class Brain(nn.Module):
         recon = self.img_dec(img_tokens, text_tokens, text != PAD)
         return logits, recon
 
+    def draw(self, text, img):
+        """forward's image alone, with the strokes' ends: (image, ends (B, strokes, 2, 2) or None)."""
+        return self.img_dec(self.img_enc(img), self.text_enc(text), text != PAD, ends=True)
+
     def qa_forward(self, text, img, question_mask):
         """The text side sees question and answer (causally); the image is rebuilt from the question only."""
         img_tokens, text_tokens = self.img_enc(img), self.text_enc(text)
@@ -492,8 +576,9 @@ class Brain(nn.Module):
         return logits, recon
 
     def img_autoencoder(self, img):
-        """Rebuild the image with the learned "no text" context."""
-        return self.img_dec(self.img_enc(img), self.null_text(img.shape[0]))
+        """Rebuild the image with the learned "no text" context, and no strokes: no text asks for one (painted
+        there too, the tiny curriculum's 3-minute image pretraining got through 384 batches instead of 506)."""
+        return self.img_dec(self.img_enc(img), self.null_text(img.shape[0]), strokes=False)
 
     def sentence_autoencoder(self, text):
         """Next-token logits with the learned "no image" context."""
@@ -764,13 +849,15 @@ def set_rng_state(state):
 
 
 def config_mismatch(a, b, fields):
-    return [f"{f}: {a.get(f)} vs {b.get(f)}" for f in fields if a.get(f) != b.get(f)]
+    """The fields that differ, as "name: a vs b" ("absent": a config written before the field existed)."""
+    return [f"{f}: {a.get(f, 'absent')} vs {b.get(f, 'absent')}" for f in fields if a.get(f) != b.get(f)]
 
 
 # Which config fields shape each part's weights, to name a mismatch clearly.
 PART_FIELDS = {
     "img_enc": ("img_size", "patch", "width", "img_heads", "img_enc_layers", "mlp_ratio", "keypoints"),
-    "img_dec": ("img_size", "patch", "width", "img_heads", "img_dec_layers", "mlp_ratio", "null_tokens", "keypoints"),
+    "img_dec": ("img_size", "patch", "width", "img_heads", "img_dec_layers", "mlp_ratio", "null_tokens", "keypoints",
+                "strokes"),
     "text_enc": ("width", "text_heads", "text_enc_layers", "mlp_ratio", "vocab", "seq_len"),
     "text_dec": ("width", "text_heads", "text_dec_layers", "mlp_ratio", "vocab", "null_tokens"),
     "reader": ("width",),
@@ -1444,9 +1531,9 @@ def line_mask(img):
     return colour_classes(img) == list(PALETTE).index("line")
 
 
-def line_geometry(mask):
-    """Principal axis of each image's blue pixels: (angle in [-pi/2, pi/2], length in pixels, pixel count).
-    The angle is an axis (a segment has no direction); the length is the pixels' extent along it."""
+def principal_axis(mask):
+    """Each image's masked pixels along their principal axis: (centre (B, 2) x, y in pixels, angle of the axis in
+    [-pi/2, pi/2], lowest and highest position along it (B,) in pixels from the centre, pixel count (B,))."""
     H, W = mask.shape[-2:]
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float, device=mask.device),
                             torch.arange(W, dtype=torch.float, device=mask.device), indexing="ij")
@@ -1460,8 +1547,32 @@ def line_geometry(mask):
     along = dx * torch.cos(angle)[:, None, None] + dy * torch.sin(angle)[:, None, None]
     hi = along.masked_fill(~mask, -float("inf")).amax((1, 2))
     lo = along.masked_fill(~mask, float("inf")).amin((1, 2))
-    length = torch.where(n > 0, hi - lo + 1, torch.zeros_like(n))
-    return angle, length, n
+    return torch.stack([mx, my], 1), angle, lo, hi, n
+
+
+def line_geometry(mask):
+    """Principal axis of each image's blue pixels: (angle in [-pi/2, pi/2], length in pixels, pixel count).
+    The angle is an axis (a segment has no direction); the length is the pixels' extent along it."""
+    _, angle, lo, hi, n = principal_axis(mask)
+    return angle, torch.where(n > 0, hi - lo + 1, torch.zeros_like(n)), n
+
+
+def line_ends(diff, frames):
+    """The two ends of the bar a line target adds to each frame, read off the pictures: diff (B, 3, H, W) bool,
+    the pixels the target changes -> ((B, 2, 2) ends, the agent's first (the one nearer the agent's pixels),
+    x right, y down, in board units; (B,) bool, whether it has a bar). The ends are the pixels' extremes along
+    their principal axis, on the axis."""
+    mask = diff.any(1)
+    centre, angle, lo, hi, n = principal_axis(mask)
+    has = n > 0
+    u = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    ends = centre[:, None] + torch.stack([torch.where(has, lo, 0.0), torch.where(has, hi, 0.0)], 1)[..., None] * u[:, None]
+    agent = colour_classes(frames) == list(PALETTE).index("agent")
+    at = principal_axis(agent)[0]
+    swap = (ends[:, 1] - at).norm(dim=-1) < (ends[:, 0] - at).norm(dim=-1)
+    ends = torch.where(swap[:, None, None], ends.flip(1), ends)
+    H, W = mask.shape[-2:]
+    return (ends + 0.5) / torch.tensor([W, H], dtype=torch.float, device=mask.device), has
 
 
 def line_scores(pred, target, min_pixels=3, min_length=5):
@@ -1632,13 +1743,29 @@ def keeping_loss(brain, args, replay, rng, qa=None, line=None):
     return total, {"plain": plain_loss, "text": said, "qa": answered, "line": drawn}
 
 
-def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT):
+# how much the line trick's loss weighs the squared distance (board units) of the first stroke's ends from the
+# ends of the target's bar (line_trick_loss); 100 drew worse lines in 400 batches than 10, and painted phantoms
+STROKE_END_WEIGHT = 10.0
+
+
+def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT, ends=None, end_weight=STROKE_END_WEIGHT):
     """The line trick's loss: squared error of the redrawn frames against `want` (the line targets, or on a
     control row the frame itself), line pixels (where the target differs from the frame) weighing line_weight
     times the rest. They are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on a
-    control row the same weight makes a phantom line as costly as a missing one."""
+    control row the same weight makes a phantom line as costly as a missing one. Given the strokes' ends
+    (Brain.draw), plus end_weight x the squared distance of the first stroke's ends from the ends of the bar
+    `want` adds to the frame (line_ends: read off the pictures), summed over the rows that have one and
+    divided by all rows: the image loss alone tells a stroke where to go only once it overlaps the bar, and
+    strokes left to it alone stayed where they began."""
     weight = 1 + (line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
-    return (weight * (recon.float() - want) ** 2).mean()
+    loss = (weight * (recon.float() - want) ** 2).mean()
+    if ends is None:
+        return loss
+    target, has = line_ends(want != frames, frames)
+    if not has.any():
+        return loss
+    d = ((ends[has, 0] - target[has]) ** 2).sum((1, 2))                  # the first stroke's two ends
+    return loss + end_weight * d.sum() / len(want)
 
 
 def line_replay_loss(brain, tokenizer, n, rng):
@@ -1646,7 +1773,10 @@ def line_replay_loss(brain, tokenizer, n, rng):
     after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
     QA tutorial, a line in 0% of scenes). With it the training prompts keep the line; the held-back ones do not,
-    as the QA tutorial trains text_enc for its questions and their features move (README, "Keeping the line")."""
+    as the QA tutorial trains text_enc for its questions and their features move (README, "Keeping the line").
+    The picture alone, without the strokes' end loss: that loss teaches a stroke where to go, and replayed
+    (x10 into img_enc's keypoint token, which the strokes read, while the QA tutorial trains it) the tiny
+    curriculum's QA and agent fell to chance."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     scenes = [game.random_bare_settings(rng) for _ in range(n)]
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)

@@ -1,6 +1,7 @@
 """The line trick: its metrics on hand-made pictures, and the stage as a user runs it (a few steps of a
 small brain from small pretrained checkpoints, exact resume after SIGKILL, a clear error without text parts)."""
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -102,6 +103,9 @@ def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_e
         assert f"{key} " in out
     ckpt = core.load_checkpoint(str(tmp_path / "a" / "trick_line_best.pt"))
     assert ckpt["metrics"]["line_iou"] >= 0 and ckpt["metrics"]["plain_mse_before"] > 0
+    m = ckpt["metrics"]      # the best is chosen by the IoU x the control frames left without a line
+    assert m["line_skill"] == pytest.approx(m["line_iou"] * (1 - m["phantom_line_control"]))
+    assert json.loads((tmp_path / "a" / "checkpoints.json").read_text())["best_metric"] == pytest.approx(m["line_skill"])
     from PIL import Image
     grid = Image.open(tmp_path / "a" / "lines.png")
     assert (grid.width, grid.height) == (8 * 32 * 2, 3 * 32 * 2)        # scene, target, prediction
@@ -145,3 +149,54 @@ def test_the_stages_after_the_trick_replay_it_while_a_part_it_lives_in_trains():
     for part in ("img_enc", "img_dec", "text_enc"):
         getattr(brain, part).requires_grad_(False)
     assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)[1]["line"].item() == 0
+
+
+def test_line_ends_are_read_off_the_target_agent_end_first():
+    frames = game.render([scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5)), scene((0.3, 0.5), (0.7, 0.5))],
+                         SIZE)
+    targets = game.line_target([scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5))], SIZE)
+    ends, has = core.line_ends(torch.cat([targets, frames[2:]]) != frames, frames)
+    rim, gold_rim = 0.3 + game.AGENT_RADIUS, 0.7 - game.GOLD_RADIUS
+    px = 1.5 / SIZE
+    assert has.tolist() == [True, True, False]                        # the third: the frame unchanged, no bar
+    assert torch.allclose(ends[0], torch.tensor([[rim, 0.5], [gold_rim, 0.5]]), atol=px)
+    assert torch.allclose(ends[1], torch.tensor([[1 - rim, 0.5], [1 - gold_rim, 0.5]]), atol=px)   # agent's first
+
+
+def test_paint_draws_a_bar_where_its_ends_are():
+    white = torch.ones(2, 3, SIZE, SIZE)
+    ends = torch.tensor([[[[0.25, 0.5], [0.75, 0.5]]], [[[0.5, 0.2], [0.5, 0.8]]]])          # (2 images, 1 bar)
+    blue = torch.tensor([0, 0, 213 / 255]).expand(2, 1, 3)
+    painted = core.paint(white, ends, torch.full((2, 1), 1 / SIZE), torch.ones(2, 1), blue)
+    mask = core.line_mask(painted)
+    assert mask[0, 31:33, 17:47].all() and not mask[0, :28].any() and not mask[0, :, :14].any()
+    assert mask[1, 14:50, 31:33].all() and not mask[1, :, :28].any()
+    assert torch.equal(core.paint(white, ends, torch.full((2, 1), 1 / SIZE), torch.zeros(2, 1), blue), white)
+
+
+def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
+    """line_trick_loss adds end_weight x the squared distance of the first stroke's ends from the bar's (none on a
+    control row, whose wanted frame has no bar), and its gradient reaches the strokes' pointers."""
+    settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.6, 0.3), (0.2, 0.8))]
+    frames, targets = game.render(settings, SIZE), game.line_target(settings, SIZE)
+    true, _ = core.line_ends(targets != frames, frames)
+    recon = frames.clone()
+    plain = core.line_trick_loss(recon, frames, targets, targets)
+    assert core.line_trick_loss(recon, frames, targets, targets, ends=true[:, None]).item() == pytest.approx(plain.item())
+    moved = true[:, None] + torch.tensor([0.1, 0.0])
+    with_ends = core.line_trick_loss(recon, frames, targets, targets, ends=moved, end_weight=3.0)
+    assert with_ends.item() == pytest.approx(plain.item() + 3.0 * (2 * 0.1 ** 2 * 2) / 2, rel=1e-4)
+    assert core.line_trick_loss(recon, frames, targets, frames, ends=moved).item() == pytest.approx(
+        core.line_trick_loss(recon, frames, targets, frames).item())            # control rows: no end term
+    torch.manual_seed(0)
+    brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
+                                        value_heads=2, vocab=100))
+    text = torch.full((2, brain.cfg.seq_len), core.PAD)
+    text[:, :2] = torch.tensor([core.BOS, core.EOS])
+    recon, ends = brain.draw(text, frames)
+    assert ends.shape == (2, 1, 2, 2) and recon.shape == frames.shape
+    core.line_trick_loss(recon, frames, targets, targets, ends=ends).backward()
+    assert brain.img_dec.strokes.query.weight.grad.abs().sum() > 0
+    assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0
+    bare = core.Brain(dataclasses.replace(brain.cfg, strokes=0))
+    assert bare.draw(text, frames)[1] is None
