@@ -49,7 +49,7 @@ class BrainConfig:
     mlp_ratio: int = 4          # MLP hidden width / model width
     null_tokens: int = 4        # learned tokens standing for "no text" / "no image"
     keypoints: int = 24         # spatial-softmax heat maps of the image encoder, read out as one token (0: none)
-    strokes: int = 1            # straight strokes the image decoder may paint over its patches (0: none)
+    strokes: int = 0            # straight strokes the image decoder may paint over its patches (Strokes; 0: none)
 
 
 PRESETS = {
@@ -298,7 +298,9 @@ class Strokes(nn.Module):
     agent's and the gold's patches light blue and nothing between (IoU 0.041, drawing nothing 0.0195). A
     segment is known by its ends, and the ends of this one are where things are: pointing at the patch that
     holds the agent is a matter of matching its token. Taught where the ends of a line target's bar are
-    (line_trick_loss), the same tiny line trick reached IoU 0.17 in 400 batches (README, "Strokes")."""
+    (line_trick_loss), the same tiny line trick reached IoU 0.17-0.21 in 400 batches (README, "Strokes").
+    Off by default (cfg.strokes 0): in the two tiny curricula run with a stroke, the turn phase and the
+    agent came out weaker (README, "Strokes")."""
 
     SHARPNESS = 4.0     # the pointers' attention logits x this over the usual 1/sqrt(width): sharper from the start
 
@@ -848,9 +850,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What a config written before a field existed meant by it (a brain then had no strokes).
+ABSENT_MEANS = {"strokes": 0}
+
+
 def config_mismatch(a, b, fields):
-    """The fields that differ, as "name: a vs b" ("absent": a config written before the field existed)."""
-    return [f"{f}: {a.get(f, 'absent')} vs {b.get(f, 'absent')}" for f in fields if a.get(f) != b.get(f)]
+    """The fields that differ, as "name: a vs b"; a field b's config lacks means ABSENT_MEANS."""
+    get = lambda c, f: c.get(f, ABSENT_MEANS.get(f))
+    return [f"{f}: {get(a, f)} vs {get(b, f)}" for f in fields if get(a, f) != get(b, f)]
 
 
 # Which config fields shape each part's weights, to name a mismatch clearly.

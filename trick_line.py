@@ -10,11 +10,11 @@ losses are mixed:
          wrote) and must give the frame back unchanged, so the line is drawn because it was asked for. Line
          pixels (where the line target differs from the frame) weigh --line-weight more in both kinds of row:
          they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
-         the same weight makes a phantom line as costly as a missing one. The image decoder can paint a
-         straight stroke over its patches (core.Strokes): the loss also pulls the stroke's two ends to the
-         ends of the bar in the target picture (core.line_ends), x --end-weight, since the pixels alone
-         tell a stroke where to go only once it overlaps the bar. The stages after this one replay it
-         (core.line_replay_loss).
+         the same weight makes a phantom line as costly as a missing one. With --strokes 1 (on every stage
+         from image pretraining on) the image decoder also paints a straight stroke (core.Strokes), and the
+         loss pulls its two ends to the ends of the bar in the target picture (core.line_ends), x
+         --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar. The stages
+         after this one replay the trick (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
   text   next-token loss of the text model on sentences it wrote itself before this stage, x --text-weight
          (no corpus needed: it pulls the text model back to the language it had). Only when the text parts

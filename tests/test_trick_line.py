@@ -190,7 +190,7 @@ def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
         core.line_trick_loss(recon, frames, targets, frames).item())            # control rows: no end term
     torch.manual_seed(0)
     brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
-                                        value_heads=2, vocab=100))
+                                        value_heads=2, vocab=100, strokes=1))
     text = torch.full((2, brain.cfg.seq_len), core.PAD)
     text[:, :2] = torch.tensor([core.BOS, core.EOS])
     recon, ends = brain.draw(text, frames)
