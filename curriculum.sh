@@ -36,7 +36,7 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 # the line trick reached IoU 0.04 instead of 0.007-0.02 and imitation greedy 59% at offset 0.3 instead of 9%
 # (README: "Line trick figures", "Seventh session: imitation with the image encoder frozen"). --strokes 1 gives
 # the image decoder a stroke to draw the line with (IoU 0.08-0.10 in the tiny line trick instead of 0.04), but
-# in both tiny curricula run with it the turn phase and the agent came out weaker (turn 53-61% against 79.5%,
+# in both tiny curricula run with it the turn phase and the agent came out weaker (turn 58.5-62% against 79.5%,
 # greedy at offset 0.3 0% and 21% against 58%; README, "Strokes"): off by default.
 # what the tiny mode leaves frozen (--quick too, so that CI runs the same init-from paths)
 FROZEN_line=(--freeze img_enc text_enc text_dec)
