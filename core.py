@@ -343,7 +343,7 @@ def paint(img, ends, half_width, opacity, colour):
     (x right, y down), opacity and colour (3); painted in order, later over earlier. A pixel at distance d from
     a bar's segment is covered by opacity / (1 + (d / half-width)^2): half at the half-width, and a long tail,
     so a stroke near its target already feels which way to move."""
-    B, _, H, W = img.shape
+    H, W = img.shape[-2:]
     ys = ((torch.arange(H, device=img.device, dtype=torch.float) + 0.5) / H)[:, None]          # (H, 1)
     xs = ((torch.arange(W, device=img.device, dtype=torch.float) + 0.5) / W)[None, :]          # (1, W)
     out = img.float()
@@ -355,7 +355,7 @@ def paint(img, ends, half_width, opacity, colour):
         dx, dy = px - t * abx, py - t * aby
         cover = opacity[:, k, None, None] / (1 + (dx * dx + dy * dy) / half_width[:, k, None, None] ** 2)
         out = out + cover[:, None] * (colour[:, k, :, None, None] - out)
-    return out.view(B, 3, H, W).to(img.dtype)
+    return out.to(img.dtype)
 
 
 class ImageDecoder(nn.Module):
