@@ -10,9 +10,9 @@ losses are mixed:
          wrote) and must give the frame back unchanged, so the line is drawn because it was asked for. Line
          pixels (where the line target differs from the frame) weigh --line-weight more in both kinds of row:
          they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
-         the same weight makes a phantom line as costly as a missing one. With --strokes 1 (on every stage
-         from image pretraining on) the image decoder also paints a straight stroke (core.Strokes), and the
-         loss pulls its two ends to the ends of the bar in the target picture (core.line_ends), x
+         the same weight makes a phantom line as costly as a missing one. The image decoder also paints a
+         straight stroke (core.Strokes; --strokes 0, on every stage from image pretraining on, for none), and
+         the loss pulls its two ends to the ends of the bar in the target picture (core.line_ends), x
          --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar. The stages
          after this one replay the trick (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.

@@ -174,7 +174,7 @@ def main(argv=None):
     scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4))
     # asked a few families, the brain keeps the others by answering them about a few scenes a batch
     qa = tokenizer if args.qa_weight > 0 and set(args.families) != set(FAMILY_ORDER) else None
-    line = core.replayed_line(run, args)   # the line trick, learned before, drawn on a few scenes a batch
+    line = core.replayed_line(run, brain, args)   # the line trick, learned before, drawn on a few scenes a batch
     # scenes balanced on the rarest fact asked (the gold is ahead in 7% of random scenes)
     balance = "ahead" if "ahead" in args.families else args.families[0]
 

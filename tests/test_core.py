@@ -279,13 +279,16 @@ def test_init_from_takes_each_part_from_the_stage_that_trained_it(tmp_path):
         core.init_from(brain, [str(tmp_path / "old.pt")], log=lambda m: None)
     # an image checkpoint from before the strokes (its config has no such field) had none: it fits a brain
     # without strokes, and a brain with them is told why not
-    older = payload(image_brain, "pretrain_image", trained=("img_enc", "img_dec"))
+    stroke_less = small_brain(seed=4, strokes=0)
+    older = payload(stroke_less, "pretrain_image", trained=("img_enc", "img_dec"))
     del older["config"]["strokes"]
     torch.save(older, tmp_path / "older.pt")
-    core.init_from(brain, [str(tmp_path / "older.pt")], log=lambda m: None)
-    assert torch.equal(brain.img_dec.unpatchify.weight, image_brain.img_dec.unpatchify.weight)
+    bare = small_brain(seed=3, vocab=tok.vocab, strokes=0)
+    core.init_from(bare, [str(tmp_path / "older.pt")], log=lambda m: None)
+    assert torch.equal(bare.img_dec.unpatchify.weight, stroke_less.img_dec.unpatchify.weight)
+    assert brain.cfg.strokes == 1                                   # the default brain paints a stroke
     with pytest.raises(core.CheckpointError, match="its img_dec does not fit this brain \\(strokes: 1 vs 0\\)"):
-        core.init_from(small_brain(vocab=tok.vocab, strokes=1), [str(tmp_path / "older.pt")], log=lambda m: None)
+        core.init_from(brain, [str(tmp_path / "older.pt")], log=lambda m: None)
 
 
 # ---- the run plumbing, through a real stage process

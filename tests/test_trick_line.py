@@ -125,14 +125,15 @@ def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pret
     assert "text_enc" in bad.stderr and "tokenizer" in bad.stderr
 
 
-def test_the_stages_after_the_trick_replay_it_while_a_part_it_lives_in_trains():
+def test_the_stages_after_the_trick_replay_it_into_img_dec_alone():
     """keeping_loss, handed the tokenizer as `line`, adds the line trick's loss on fresh scenes x
-    --line-replay-weight, whose gradient reaches img_dec and text_enc (which reads the prompt); with img_enc,
-    img_dec and text_enc frozen it is not computed, nor without the tokenizer."""
+    --line-replay-weight. Its gradient reaches img_dec, strokes included (their end loss), and nothing that the
+    answers and the agent read: img_enc and text_enc stay untouched. With img_dec frozen it is not computed
+    (img_enc and text_enc still training), nor without the tokenizer."""
     tokenizer = core.Tokenizer.train(skill_sentences(), 600)
     torch.manual_seed(0)
     brain = core.Brain(core.make_config("tiny", img_size=32, patch=8, width=32, img_heads=2, text_heads=2,
-                                        value_heads=2, vocab=tokenizer.vocab))
+                                        value_heads=2, vocab=tokenizer.vocab, strokes=1))
     parser = argparse.ArgumentParser()
     core.add_forgetting_args(parser, qa_replay=True)
     args = lambda weight: parser.parse_args(["--plain-weight", "0", "--text-weight", "0", "--line-replay-batch", "4",
@@ -144,10 +145,11 @@ def test_the_stages_after_the_trick_replay_it_while_a_part_it_lives_in_trains():
     assert doubled.item() == pytest.approx(2 * total.item())
     total.backward()
     assert brain.img_dec.unpatchify.weight.grad.abs().sum() > 0
-    assert brain.text_enc.tok_emb.weight.grad.abs().sum() > 0
+    assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0          # the end loss moves the pointers
+    for part in ("img_enc", "text_enc", "text_dec", "reader"):
+        assert all(p.grad is None or not p.grad.any() for p in getattr(brain, part).parameters()), part
     assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1))[1]["line"].item() == 0
-    for part in ("img_enc", "img_dec", "text_enc"):
-        getattr(brain, part).requires_grad_(False)
+    brain.img_dec.requires_grad_(False)
     assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)[1]["line"].item() == 0
 
 
