@@ -1781,12 +1781,10 @@ def line_replay_loss(brain, tokenizer, n, rng):
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
     QA tutorial, a line in 0% of scenes). It trains img_dec alone, the part the tiny line trick trains:
     img_enc's and text_enc's features come in detached, so the replay follows them as the stage moves them
-    and never pulls them toward drawing. Through them (the strokes read the keypoint token's place, and
-    img_enc's keypoint token is what the reader reads the heading from) the replay weakened the turn: the
-    turn phase after a tiny QA tutorial read it at 53% held-back with the picture replayed through every part,
-    80% without any replay, 68% with this one (README, "Strokes"). With strokes, the end loss too (x
-    STROKE_END_WEIGHT): the picture alone did not keep the line (IoU 0.012 after the QA tutorial; with the
-    ends, 0.219)."""
+    and never pulls on what the answers and the reader (the agent's heading) read. Replayed through every
+    part, the turn phase after the tiny QA tutorial read the turn at 53%, without any replay at 80% (one run
+    each; README, "Strokes"). With strokes, the end loss too (x STROKE_END_WEIGHT): the picture alone did not
+    keep the line in img_dec (IoU 0.012 after the QA tutorial; with the ends, 0.219)."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     scenes = [game.random_bare_settings(rng) for _ in range(n)]
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)

@@ -35,8 +35,8 @@ original's) is dominated by the question's many image-blind tokens (its "loss 0.
 answers) and spends the gradient on them. Language is kept by the text model's own loss instead
 (sentences it wrote before this stage, x --text-weight), and the image side by the question-conditioned
 reconstruction of the frame plus img_autoencoder on image-pretraining frames (x --plain-weight), and a brain
-that learned the line trick keeps drawing it for the training prompts (core.line_replay_loss, x
---line-replay-weight; line_iou_kept at each evaluation).
+that learned the line trick keeps drawing it (core.line_replay_loss, x --line-replay-weight, into img_dec
+alone; line_iou_kept at each evaluation, with held-back and training prompts).
 
 Measured, not assumed: each evaluation generates a greedy answer after "<s> question <sep>" for held-out
 scenes (balanced labels, so chance is 50%) and held-back question phrasings, parses it to a label
