@@ -2,7 +2,7 @@
 # curriculum.sh: the whole curriculum in one command. Every stage in order, each starting from the best
 # checkpoints of the ones before it (--init-from), then eval.py on the brains they made.
 #
-#   bash curriculum.sh                                   # tiny brain on the CPU (about 27 minutes on 2 cores)
+#   bash curriculum.sh                                   # tiny brain on the CPU (about 29 minutes on 2 cores)
 #   bash curriculum.sh --quick                           # smoke run: tiny shapes, a few steps (under 3 minutes)
 #   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
 #
