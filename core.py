@@ -1741,7 +1741,8 @@ def keeping_loss(brain, args, replay, rng, qa=None, line=None):
     text_trains = trains(brain, "text_enc", "text_dec")
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
     answered = qa_replay_loss(brain, qa, args.qa_batch, rng) if qa is not None else zero
-    drawn = line_replay_loss(brain, line, args.line_replay_batch, rng) if line is not None and trains(brain, "img_dec") else zero
+    drawn = (line_replay_loss(brain, line, args.line_replay_batch, rng)
+             if line is not None and trains(brain, "img_dec") else zero)
     total = args.plain_weight * plain_loss + args.text_weight * said
     if qa is not None:
         total = total + args.qa_weight * answered
@@ -1790,7 +1791,8 @@ def line_replay_loss(brain, tokenizer, n, rng):
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
-    recon, ends = brain.img_dec(brain.img_enc(frames).detach(), brain.text_enc(text).detach(), text != PAD, ends=True)
+    features = brain.img_enc(frames).detach(), brain.text_enc(text).detach()
+    recon, ends = brain.img_dec(*features, text != PAD, ends=True)
     return line_trick_loss(recon, frames, targets, targets, ends=ends)
 
 
@@ -1836,7 +1838,8 @@ def keeping_setup(run, brain, args):
     qa = run.tokenizer if "qa" in run.skills and getattr(args, "qa_weight", 0) > 0 else None
     if qa is not None:
         run.log(f"the brain has learned QA: its questions are replayed (--qa-weight {args.qa_weight})")
-    return (*forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames), qa, replayed_line(run, brain, args))
+    replay, probe = forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
+    return replay, probe, qa, replayed_line(run, brain, args)
 
 
 def replayed_line(run, brain, args):
