@@ -299,9 +299,10 @@ class Strokes(nn.Module):
     segment is known by its ends, and the ends of this one are where things are: pointing at the patch that
     holds the agent is a matter of matching its token. Taught where the ends of a line target's bar are
     (line_trick_loss), the same tiny line trick reached IoU 0.17-0.21 in 400 batches (README, "Strokes").
-    On by default (cfg.strokes 1) since the line replay trains img_dec alone (line_replay_loss): the tiny
-    curriculum then kept the line through every stage (final brain 0.092 with held-back prompts, drawing
-    nothing 0.0195) and walked as without strokes (greedy 54% at offset 0.3); README, "Strokes"."""
+    On by default (cfg.strokes 1) since every stage after the line trick replays it into img_dec alone
+    (line_replay_loss): the tiny curriculum then kept the line through every stage (final brain 0.198 and
+    0.224 with held-back prompts in two seeds, drawing nothing 0.0195) and walked about as without strokes
+    (greedy 52% and 44% at offset 0.3, random 18% and 22%); README, "Strokes"."""
 
     SHARPNESS = 4.0     # the pointers' attention logits x this over the usual 1/sqrt(width): sharper from the start
 

@@ -104,11 +104,9 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     for stage in ("imitation", "grpo"):           # the agent stages keep the QA tutorial's questions
         stage_log = open(out / stage / "train.log").read()
         assert "its questions are replayed" in stage_log and "qa_forced_mean" in stage_log, stage
-    for stage in ("qa", "imitation", "grpo"):     # and the stages after the line trick keep the line: replayed
-        stage_log = open(out / stage / "train.log").read()      # into img_dec while it trains, always measured
-        replayed = "the line trick: it is replayed" in stage_log
-        assert replayed == (stage == "qa") and "line_iou_kept" in stage_log, stage
-        assert replayed or "img_dec, the part the replay trains, is frozen" in stage_log, stage
+    for stage in ("qa", "imitation", "grpo"):     # and the stages after the line trick keep the line (into
+        stage_log = open(out / stage / "train.log").read()      # img_dec, which they all train) and measure it
+        assert "the line trick: it is replayed" in stage_log and "line_iou_kept" in stage_log, stage
 
     report = out / "report" / "report.md"
     assert f"report: {out}/report/report.md" in log
