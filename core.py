@@ -1782,7 +1782,7 @@ def line_replay_loss(brain, tokenizer, n, rng):
     after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
     QA tutorial, a line in 0% of scenes). It trains img_dec alone, the part the tiny line trick trains:
-    img_enc's and text_enc's features come in detached, so the replay follows them as the stage moves them
+    img_enc's and text_enc's features come in without gradient, so the replay follows them as the stage moves them
     and never pulls on what the answers and the reader (the agent's heading) read. Replayed through every
     part, the turn phase after the tiny QA tutorial read the turn at 53%, without any replay at 80% (one run
     each; README, "Strokes"). With strokes, the end loss too (x STROKE_END_WEIGHT): the picture alone did not
@@ -1792,7 +1792,8 @@ def line_replay_loss(brain, tokenizer, n, rng):
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
-    features = brain.img_enc(frames).detach(), brain.text_enc(text).detach()
+    with torch.no_grad():                # the features as they are: img_dec alone learns from the replay
+        features = brain.img_enc(frames), brain.text_enc(text)
     recon, ends = brain.img_dec(*features, text != PAD, ends=True)
     return line_trick_loss(recon, frames, targets, targets, ends=ends)
 
