@@ -568,9 +568,12 @@ class Brain(nn.Module):
         recon = self.img_dec(img_tokens, text_tokens, text != PAD)
         return logits, recon
 
-    def draw(self, text, img):
-        """forward's image alone, with the strokes' ends: (image, ends (B, strokes, 2, 2) or None)."""
-        return self.img_dec(self.img_enc(img), self.text_enc(text), text != PAD, ends=True)
+    def draw(self, text, img, encoders_learn=True):
+        """forward's image alone, with the strokes' ends: (image, ends (B, strokes, 2, 2) or None). With
+        encoders_learn False the encoders' features come without gradient: img_dec alone learns from it."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoders_learn):
+            features = self.img_enc(img), self.text_enc(text)
+        return self.img_dec(*features, text != PAD, ends=True)
 
     def qa_forward(self, text, img, question_mask):
         """The text side sees question and answer (causally); the image is rebuilt from the question only."""
@@ -1792,9 +1795,7 @@ def line_replay_loss(brain, tokenizer, n, rng):
     frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
-    with torch.no_grad():                # the features as they are: img_dec alone learns from the replay
-        features = brain.img_enc(frames), brain.text_enc(text)
-    recon, ends = brain.img_dec(*features, text != PAD, ends=True)
+    recon, ends = brain.draw(text, frames, encoders_learn=False)
     return line_trick_loss(recon, frames, targets, targets, ends=ends)
 
 
