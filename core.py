@@ -1569,24 +1569,6 @@ def line_geometry(mask):
     return angle, torch.where(n > 0, hi - lo + 1, torch.zeros_like(n)), n
 
 
-def line_ends(diff, frames):
-    """The two ends of the bar a line target adds to each frame, read off the pictures: diff (B, 3, H, W) bool,
-    the pixels the target changes -> ((B, 2, 2) ends, the agent's first (the one nearer the agent's pixels),
-    x right, y down, in board units; (B,) bool, whether it has a bar). The ends are the pixels' extremes along
-    their principal axis, on the axis."""
-    mask = diff.any(1)
-    centre, angle, lo, hi, n = principal_axis(mask)
-    has = n > 0
-    u = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    ends = centre[:, None] + torch.stack([torch.where(has, lo, 0.0), torch.where(has, hi, 0.0)], 1)[..., None] * u[:, None]
-    agent = colour_classes(frames) == list(PALETTE).index("agent")
-    at = principal_axis(agent)[0]
-    swap = (ends[:, 1] - at).norm(dim=-1) < (ends[:, 0] - at).norm(dim=-1)
-    ends = torch.where(swap[:, None, None], ends.flip(1), ends)
-    H, W = mask.shape[-2:]
-    return (ends + 0.5) / torch.tensor([W, H], dtype=torch.float, device=mask.device), has
-
-
 def line_scores(pred, target, min_pixels=3, min_length=5):
     """Per-image line scores of predicted against target frames: IoU of blue pixels (1 when both have none),
     whether a line was drawn (>= min_pixels blue), and, where one was drawn and the true line is at least
@@ -1760,23 +1742,24 @@ def keeping_loss(brain, args, replay, rng, qa=None, line=None):
 STROKE_END_WEIGHT = 10.0
 
 
-def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT, ends=None, end_weight=STROKE_END_WEIGHT):
+def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT, ends=None, bar=None,
+                    end_weight=STROKE_END_WEIGHT):
     """The line trick's loss: squared error of the redrawn frames against `want` (the line targets, or on a
     control row the frame itself), line pixels (where the target differs from the frame) weighing line_weight
     times the rest. They are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on a
     control row the same weight makes a phantom line as costly as a missing one. Given the strokes' ends
-    (Brain.draw), plus end_weight x the squared distance of the first stroke's ends from the ends of the bar
-    `want` adds to the frame (line_ends: read off the pictures), summed over the rows that have one and
-    divided by all rows: the image loss alone tells a stroke where to go only once it overlaps the bar, and
-    strokes left to it alone stayed where they began."""
+    (Brain.draw) and the bar's (`bar`: game.line_ends, with its (B,) flags cleared on the rows that want no
+    bar), plus end_weight x the squared distance of the first stroke's ends from the bar's, summed over the
+    rows that want one and divided by all rows: the image loss alone tells a stroke where to go only once it
+    overlaps the bar, and strokes left to it alone stayed where they began."""
     weight = 1 + (line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
     loss = (weight * (recon.float() - want) ** 2).mean()
     if ends is None:
         return loss
-    target, has = line_ends(want != frames, frames)
-    if not has.any():
-        return loss
-    d = ((ends[has, 0] - target[has]) ** 2).sum((1, 2))                  # the first stroke's two ends
+    if bar is None:
+        raise ValueError("line_trick_loss: the strokes' ends need the bar's ends (bar=game.line_ends(...))")
+    target, has = bar
+    d = ((ends[has, 0].float() - target[has]) ** 2).sum((1, 2))         # the first stroke's two ends
     return loss + end_weight * d.sum() / len(want)
 
 
@@ -1796,7 +1779,7 @@ def line_replay_loss(brain, tokenizer, n, rng):
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
     recon, ends = brain.draw(text, frames, encoders_learn=False)
-    return line_trick_loss(recon, frames, targets, targets, ends=ends)
+    return line_trick_loss(recon, frames, targets, targets, ends=ends, bar=game.line_ends(scenes, device))
 
 
 def qa_replay_loss(brain, tokenizer, n, rng):

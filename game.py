@@ -443,18 +443,28 @@ class GameBatch:
         return (torch.cat([r for r, _, _ in rects], 1), units(rects),
                 torch.cat([d for d, _, _ in discs], 1), units(discs), thresholds)
 
-    def _line_bar(self):
-        """The blue bar from the agent's rim to its first remaining gold piece's rim, as a wall-like rectangle."""
+    def _bar_axis(self):
+        """The line target's bar: where it starts on the agent's rim, its unit direction to the first remaining
+        gold piece, its length to that piece's rim, and whether there is one (a piece left, not touching)."""
         target, has = self._target()
         d = target - self.pos
         dist = d.norm(dim=-1)
         u = d / dist.clamp(min=1e-12)[:, None]
-        start = self.pos + self.agent_radius[:, None] * u
-        corner = start - (LINE_WIDTH / 2) * torch.stack([-u[:, 1], u[:, 0]], -1)
         length = dist - self.agent_radius - self.gold_radius
+        return self.pos + self.agent_radius[:, None] * u, u, length, has & (length > 0)
+
+    def line_ends(self):
+        """The two ends of the line target's bar (B, 2, 2), the agent's rim first, and (B,) whether there is one."""
+        start, u, length, has = self._bar_axis()
+        return torch.stack([start, start + length[:, None] * u], 1), has
+
+    def _line_bar(self):
+        """The blue bar from the agent's rim to its first remaining gold piece's rim, as a wall-like rectangle."""
+        start, u, length, has = self._bar_axis()
+        corner = start - (LINE_WIDTH / 2) * torch.stack([-u[:, 1], u[:, 0]], -1)
         bar = torch.cat([corner, length[:, None], torch.full_like(length, LINE_WIDTH)[:, None],
                          torch.atan2(u[:, 1], u[:, 0])[:, None]], -1)
-        return bar, has & (length > 0)
+        return bar, has
 
 
 # ----------------------------------------------------------------------------- Game
@@ -486,6 +496,13 @@ def render(settings_list, size, device="cpu", zoom=None, centers=None) -> torch.
 def line_target(settings_list, size, device="cpu") -> torch.Tensor:
     """The frames with a blue bar from the agent's rim to the (first) gold's rim: the line trick's target."""
     return GameBatch(settings_list, device).render(size, line=True)
+
+
+def line_ends(settings_list, device="cpu"):
+    """Where the line target's bar begins and ends, exactly: (B, 2, 2) float32 points in board units (x right,
+    y down), the agent's rim first, then the gold's; and (B,) bool, whether the frame has a bar."""
+    ends, has = GameBatch(settings_list, device).line_ends()
+    return ends.float(), has
 
 
 # ----------------------------------------------------------------------------- scene generators (numpy, CPU)

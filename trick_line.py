@@ -12,7 +12,7 @@ losses are mixed:
          they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
          the same weight makes a phantom line as costly as a missing one. The image decoder also paints a
          straight stroke (core.Strokes; --strokes 0, on every stage from image pretraining on, for none), and
-         the loss pulls its two ends to the ends of the bar in the target picture (core.line_ends), x
+         the loss pulls its two ends to the ends of the target's bar (game.line_ends, from the scene), x
          --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar. The stages
          after this one replay the trick (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
@@ -105,7 +105,9 @@ def main(argv=None):
             recon, ends = brain.draw(text, frames)
             keep, kept = core.keeping_loss(brain, args, replay, rng)
         want = torch.where(control[:, None, None, None], frames, targets)
-        line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, ends, args.end_weight)
+        bar_ends, has_bar = game.line_ends(batch_scenes, run.device)
+        line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, ends,
+                                         (bar_ends, has_bar & ~control), args.end_weight)
         loss = line_loss + keep
         run.step(loss)
         run.log_step({"loss": loss.item(), "line": line_loss.item(), "plain": kept["plain"].item(),

@@ -1,5 +1,8 @@
 """The RL stages by example: the brain as a policy, oracle traces, GRPO's advantages, resume, flat memory."""
+import importlib.util
 import json
+import os
+import re
 import signal
 
 import pytest
@@ -8,7 +11,7 @@ import torch
 import core
 import game
 import rl_grpo
-from conftest import SMALL_ARGS, kill_when, run_script
+from conftest import ROOT, SMALL_ARGS, kill_when, run_script
 
 SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=300)
 
@@ -121,3 +124,30 @@ def test_memory_stays_flat_across_rounds(tmp_path):
     # after warm-up the allocator still settles by a few MiB now and then (rounds differ in size); a leak of
     # each round's rollout or graph (the original's) grows by more than 1 MiB a round here
     assert rss[-1] - rss[19] < 40, rss
+
+
+def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path):
+    """benchmarks/agent_steps.py: the greedy agent's actions against the oracle's, on eval.py's scenes."""
+    spec = importlib.util.spec_from_file_location("agent_steps", os.path.join(ROOT, "benchmarks", "agent_steps.py"))
+    agent_steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_steps)
+    end = agent_steps.episode_end
+    assert end(["left", "forward"], [0.3, 0.25], True) == "success"
+    assert end(["left", "</s>"], [0.3, 0.3], False) == "</s>"
+    assert end(["left", "right", "left", "right"], [0.3] * 4, False) == "limit: turned back and forth"
+    assert end(["forward"] * 4, [0.3, 0.2, 0.1, 0.2], False) == "limit: passed the gold"
+    assert end(["left"] * 4, [0.3] * 4, False) == "limit: other"
+    run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 2))
+    out = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "imitation", "--offset", 0.3,
+                     "--scenes", 6).stdout
+    ckpt = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "imitation")))
+    brain = core.Brain(core.BrainConfig(**ckpt["config"]))
+    core.load_weights(brain, ckpt["model"], "imitation")
+    greedy = core.evaluate_agent(brain.eval(), brain.cfg.img_size, "cpu", (0.3,), 6, baselines=False)
+    assert f"success {greedy['greedy_success@0.3']:.0%}" in out                 # the same scenes as eval.py
+    ends = [int(n) for n in re.findall(r"^  (?:success|</s>|limit: [a-z ]+?) +(\d+)$", out, re.M)]
+    assert sum(ends) == 6, out
+    steps = int(re.search(r"steps (\d+), agreeing", out).group(1))
+    by_action = sum(int(n) for n in re.findall(r"^  (?:forward|left|right) +[\d.]+% \((\d+)\)", out, re.M))
+    by_angle = sum(int(n) for n in re.findall(r"^ +\d+- *\d+ +[\d.]+% \((\d+)\)", out, re.M))
+    assert steps == by_action == by_angle > 0, out

@@ -153,16 +153,22 @@ def test_the_stages_after_the_trick_replay_it_into_img_dec_alone():
     assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)[1]["line"].item() == 0
 
 
-def test_line_ends_are_read_off_the_target_agent_end_first():
-    frames = game.render([scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5)), scene((0.3, 0.5), (0.7, 0.5))],
-                         SIZE)
-    targets = game.line_target([scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5))], SIZE)
-    ends, has = core.line_ends(torch.cat([targets, frames[2:]]) != frames, frames)
+def test_the_bar_ends_on_the_rims_agent_end_first_where_the_target_draws_it():
+    settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5)), scene((0.6, 0.3), (0.2, 0.8)),
+                scene((0.5, 0.5), (0.5 + game.AGENT_RADIUS, 0.5))]                  # the last: gold touching the agent
+    ends, has = game.line_ends(settings)
     rim, gold_rim = 0.3 + game.AGENT_RADIUS, 0.7 - game.GOLD_RADIUS
-    px = 1.5 / SIZE
-    assert has.tolist() == [True, True, False]                        # the third: the frame unchanged, no bar
-    assert torch.allclose(ends[0], torch.tensor([[rim, 0.5], [gold_rim, 0.5]]), atol=px)
-    assert torch.allclose(ends[1], torch.tensor([[1 - rim, 0.5], [1 - gold_rim, 0.5]]), atol=px)   # agent's first
+    assert has.tolist() == [True, True, True, False] and ends.dtype == torch.float32
+    assert torch.allclose(ends[0], torch.tensor([[rim, 0.5], [gold_rim, 0.5]]))
+    assert torch.allclose(ends[1], torch.tensor([[1 - rim, 0.5], [1 - gold_rim, 0.5]]))         # the agent's first
+    # the target picture's bar lies between them: its pixels' extremes along its axis are the ends, within a pixel
+    frames, targets = game.render(settings[:3], SIZE), game.line_target(settings[:3], SIZE)
+    centre, angle, lo, hi, n = core.principal_axis((targets != frames).any(1))
+    u = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    seen = ((centre[:, None] + torch.stack([lo, hi], 1)[..., None] * u[:, None]) + 0.5) / SIZE
+    for b in range(3):
+        assert n[b] > 0
+        assert min((seen[b] - ends[b]).norm(dim=1).max(), (seen[b].flip(0) - ends[b]).norm(dim=1).max()) < 1.5 / SIZE
 
 
 def test_paint_draws_a_bar_where_its_ends_are():
@@ -181,15 +187,19 @@ def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
     control row, whose wanted frame has no bar), and its gradient reaches the strokes' pointers."""
     settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.6, 0.3), (0.2, 0.8))]
     frames, targets = game.render(settings, SIZE), game.line_target(settings, SIZE)
-    true, _ = core.line_ends(targets != frames, frames)
+    true, has = bar = game.line_ends(settings)
     recon = frames.clone()
     plain = core.line_trick_loss(recon, frames, targets, targets)
-    assert core.line_trick_loss(recon, frames, targets, targets, ends=true[:, None]).item() == pytest.approx(plain.item())
+    assert core.line_trick_loss(recon, frames, targets, targets, ends=true[:, None], bar=bar).item() == pytest.approx(
+        plain.item())
     moved = true[:, None] + torch.tensor([0.1, 0.0])
-    with_ends = core.line_trick_loss(recon, frames, targets, targets, ends=moved, end_weight=3.0)
+    with_ends = core.line_trick_loss(recon, frames, targets, targets, ends=moved, bar=bar, end_weight=3.0)
     assert with_ends.item() == pytest.approx(plain.item() + 3.0 * (2 * 0.1 ** 2 * 2) / 2, rel=1e-4)
-    assert core.line_trick_loss(recon, frames, targets, frames, ends=moved).item() == pytest.approx(
-        core.line_trick_loss(recon, frames, targets, frames).item())            # control rows: no end term
+    control = (true, torch.zeros_like(has))                          # control rows want no bar: no end term
+    assert core.line_trick_loss(recon, frames, targets, frames, ends=moved, bar=control).item() == pytest.approx(
+        core.line_trick_loss(recon, frames, targets, frames).item())
+    with pytest.raises(ValueError, match="bar"):
+        core.line_trick_loss(recon, frames, targets, targets, ends=moved)
     torch.manual_seed(0)
     brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
                                         value_heads=2, vocab=100, strokes=1))
@@ -197,7 +207,7 @@ def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
     text[:, :2] = torch.tensor([core.BOS, core.EOS])
     recon, ends = brain.draw(text, frames)
     assert ends.shape == (2, 1, 2, 2) and recon.shape == frames.shape
-    core.line_trick_loss(recon, frames, targets, targets, ends=ends).backward()
+    core.line_trick_loss(recon, frames, targets, targets, ends=ends, bar=bar).backward()
     assert brain.img_dec.strokes.query.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0
     bare = core.Brain(dataclasses.replace(brain.cfg, strokes=0))

@@ -1,0 +1,103 @@
+"""Where does the greedy agent go wrong? Every step of its episodes against the oracle's action for that state.
+
+The agent stages report success within 31 actions; this shows why an episode failed. It plays the brain
+greedily on the held-out scenes of one offset (core.agent_scenes, the same as eval.py's) and, at every
+state it met, compares its action with the forward-only oracle's for that state (core.rollout labels them):
+
+  - agreement by the oracle's action (forward, left, right) and the confusion between them;
+  - agreement by the gold's angle from the heading (|angle| in degrees; "ahead" is within the agent's
+    width, about 10 degrees at offset 0.3), which separates reading the heading coarsely from finely;
+  - failed episodes by how they ended: </s>, or the action limit reached having turned back and forth
+    (left right or right left, twice or more in a row), having passed the gold (closest, then farther), or
+    otherwise.
+
+    python benchmarks/agent_steps.py --ckpt runs/curriculum/grpo/best
+    python benchmarks/agent_steps.py --ckpt runs/curriculum/grpo/best --offset 0.5 --scenes 200
+"""
+import argparse
+import math
+import os
+import sys
+from collections import Counter
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402
+import game  # noqa: E402
+
+ANGLE_BINS = (0, 5, 10, 20, 45, 90, 180.01)
+NAMES = {core.ACTION_TOKENS[a]: game.ACTION_NAMES[a] for a in core.POLICY_ACTIONS} | {core.EOS: "</s>"}
+
+
+def episode_end(actions, distances, success):
+    """How an episode ended: success, </s>, or at the limit after turning back and forth, after passing the
+    gold, or otherwise."""
+    if success:
+        return "success"
+    if actions and actions[-1] == "</s>":
+        return "</s>"
+    turns = [a for a in actions if a in ("left", "right")]
+    flips = sum(a != b for a, b in zip(turns, turns[1:]))
+    if flips >= 2:
+        return "limit: turned back and forth"
+    closest = min(range(len(distances)), key=distances.__getitem__)
+    if closest < len(distances) - 1 and distances[-1] > distances[closest] + game.STEP / 2:
+        return "limit: passed the gold"
+    return "limit: other"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint, run folder or FOLDER/best of an agent stage")
+    p.add_argument("--offset", type=float, default=0.3, help="max_agent_offset of the held-out scenes")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes (eval.py uses 100)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    path = core.resolve_checkpoint(a.ckpt)
+    ckpt = core.load_checkpoint(path)
+    brain = core.Brain(core.BrainConfig(**ckpt["config"]))
+    core.load_weights(brain, ckpt["model"], path)
+    brain.eval()
+    scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100))    # eval.py's scenes
+    r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len)
+
+    by_oracle, by_angle, confusion, ends = Counter(), Counter(), Counter(), Counter()
+    for b in range(len(scenes)):
+        steps = int(r.steps[b])
+        actions = [NAMES[int(x)] for x in r.text[b, 1: steps + 1]]
+        distances = []
+        for t in range(steps):
+            facts = game.scene_facts(r.states[t][b])
+            distances.append(facts["distance"])
+            want, got = NAMES[int(r.labels[b, t])], actions[t]
+            confusion[want, got] += 1
+            by_oracle[want, want == got] += 1
+            degrees = abs(math.degrees(facts["angle"]))
+            bin_ = next(i for i in range(len(ANGLE_BINS) - 1) if degrees < ANGLE_BINS[i + 1])
+            by_angle[bin_, want == got] += 1
+        ends[episode_end(actions, distances, bool(r.success[b]))] += 1
+
+    total = sum(confusion.values())
+    agree = sum(n for (w, g), n in confusion.items() if w == g)
+    print(f"{path}: greedy, {a.scenes} held-out scenes at offset {a.offset}")
+    print(f"success {ends['success'] / a.scenes:.0%}; steps {total}, agreeing with the oracle {agree / total:.1%}")
+    print("\nby the oracle's action: agreement (steps)")
+    for want in ("forward", "left", "right"):
+        n = by_oracle[want, True] + by_oracle[want, False]
+        if n:
+            row = ", ".join(f"{g} {confusion[want, g]}" for g in NAMES.values() if confusion[want, g])
+            print(f"  {want:8s} {by_oracle[want, True] / n:6.1%} ({n}); taken: {row}")
+    print("\nby |angle| to the gold (degrees): agreement (steps)")
+    for i in range(len(ANGLE_BINS) - 1):
+        n = by_angle[i, True] + by_angle[i, False]
+        if n:
+            print(f"  {ANGLE_BINS[i]:3.0f}-{min(ANGLE_BINS[i + 1], 180):3.0f}  {by_angle[i, True] / n:6.1%} ({n})")
+    print("\nepisodes by how they ended")
+    for end, n in ends.most_common():
+        print(f"  {end:30s} {n}")
+
+
+if __name__ == "__main__":
+    main()
