@@ -7,8 +7,9 @@ state it met, compares its action with the forward-only oracle's for that state 
   - agreement by the oracle's action (forward, left, right) and the confusion between them;
   - agreement by the gold's angle from the heading (|angle| in degrees; "ahead" is within the agent's
     width, about 10 degrees at offset 0.3), which separates reading the heading coarsely from finely;
-  - failed episodes by how they ended: </s>, or the action limit reached having turned back and forth
-    (left right or right left, twice or more in a row), having passed the gold (closest, then farther), or
+  - failed episodes by how they ended: </s> before the action limit, or the limit reached (its last action
+    may be </s>) having turned back and forth (a turn undone by the next action, twice or more), having
+    kept turning (four actions in five or more), having passed the gold (closest, then farther), or
     otherwise.
 
     python benchmarks/agent_steps.py --ckpt runs/curriculum/grpo/best
@@ -30,17 +31,18 @@ ANGLE_BINS = (0, 5, 10, 20, 45, 90, 180.01)
 NAMES = {core.ACTION_TOKENS[a]: game.ACTION_NAMES[a] for a in core.POLICY_ACTIONS} | {core.EOS: "</s>"}
 
 
-def episode_end(actions, distances, success):
-    """How an episode ended: success, </s>, or at the limit after turning back and forth, after passing the
-    gold, or otherwise."""
+def episode_end(actions, distances, success, limit=game.MAX_ACTIONS):
+    """How an episode ended: success, </s> before the action limit, or at the limit (</s> as its last action
+    included) after turning back and forth, after passing the gold, or otherwise."""
     if success:
         return "success"
-    if actions and actions[-1] == "</s>":
-        return "</s>"
-    turns = [a for a in actions if a in ("left", "right")]
-    flips = sum(a != b for a, b in zip(turns, turns[1:]))
+    if actions and actions[-1] == "</s>" and len(actions) < limit:
+        return "</s> before the limit"
+    flips = sum({a, b} == {"left", "right"} for a, b in zip(actions, actions[1:]))   # a turn undone at once
     if flips >= 2:
         return "limit: turned back and forth"
+    if sum(a in ("left", "right") for a in actions) >= 0.8 * len(actions):
+        return "limit: kept turning"
     closest = min(range(len(distances)), key=distances.__getitem__)
     if closest < len(distances) - 1 and distances[-1] > distances[closest] + game.STEP / 2:
         return "limit: passed the gold"

@@ -133,10 +133,12 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     spec.loader.exec_module(agent_steps)
     end = agent_steps.episode_end
     assert end(["left", "forward"], [0.3, 0.25], True) == "success"
-    assert end(["left", "</s>"], [0.3, 0.3], False) == "</s>"
+    assert end(["left", "</s>"], [0.3, 0.3], False) == "</s> before the limit"
+    assert end(["left", "right", "left", "</s>"], [0.3] * 4, False, limit=4) == "limit: turned back and forth"
     assert end(["left", "right", "left", "right"], [0.3] * 4, False) == "limit: turned back and forth"
     assert end(["forward"] * 4, [0.3, 0.2, 0.1, 0.2], False) == "limit: passed the gold"
-    assert end(["left"] * 4, [0.3] * 4, False) == "limit: other"
+    assert end(["left"] * 4, [0.3] * 4, False) == "limit: kept turning"
+    assert end(["left", "forward", "backward", "forward"], [0.3, 0.3, 0.3, 0.3], False) == "limit: other"
     run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 2))
     out = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "imitation", "--offset", 0.3,
                      "--scenes", 6).stdout
@@ -145,7 +147,7 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     core.load_weights(brain, ckpt["model"], "imitation")
     greedy = core.evaluate_agent(brain.eval(), brain.cfg.img_size, "cpu", (0.3,), 6, baselines=False)
     assert f"success {greedy['greedy_success@0.3']:.0%}" in out                 # the same scenes as eval.py
-    ends = [int(n) for n in re.findall(r"^  (?:success|</s>|limit: [a-z ]+?) +(\d+)$", out, re.M)]
+    ends = [int(n) for n in re.findall(r"^  (?:success|</s> before the limit|limit: [a-z ]+?) +(\d+)$", out, re.M)]
     assert sum(ends) == 6, out
     steps = int(re.search(r"steps (\d+), agreeing", out).group(1))
     by_action = sum(int(n) for n in re.findall(r"^  (?:forward|left|right) +[\d.]+% \((\d+)\)", out, re.M))
