@@ -1894,8 +1894,15 @@ def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_
 # belongs to two families, and the held-back questions are not among the text pretraining's game
 # sentences. They are new sentences made of the training phrasings' words ("Is the gold far from you or
 # near you?"): they test that the brain reads the question rather than matching a string, which a small
-# text model can learn in minutes; synonyms it never saw next to the scene ("a long way off") test its
-# pretraining more than this stage. `keywords` is how the answer parser reads a label out of generated text.
+# text model can learn in minutes; synonyms it never saw next to the scene would test its pretraining more
+# than this stage. Twelve training questions a family (six before the tenth session): the last six put each
+# family's words into frames every family uses ("Tell me whether ...", "From where ..., ...", "On the screen,
+# ...", "... of X, where is ...?"), so that the frame does not tell the family and the brain must read whom
+# and what is asked about. With six, the tiny brain answered held-back questions as another family's ("Compared
+# to the gold, are you above or below?" with where the gold is, "Is the gold straight in front of the agent?"
+# with "Left."). No training question uses a held-back question's frame ("Compared to ..., ...", "straight in
+# front of", "looking straight at", "A you or B you"). `keywords` is how the answer parser reads a label out of
+# generated text.
 _LEFT_RIGHT = {"left": ("left",), "right": ("right",)}
 _ABOVE_BELOW = {"above": ("above", "up", "over", "higher"), "below": ("below", "down", "under", "lower", "beneath")}
 
@@ -1908,7 +1915,13 @@ QA_FAMILIES = {
                               "Is the gold on your left or on your right?",
                               "On which side of the agent is the gold, left or right?",
                               "Where is the gold, left or right of the agent?",
-                              "Left or right: where is the gold compared to you?"],
+                              "Left or right: where is the gold compared to you?",
+                              "Which side is the gold on, left or right?",
+                              "From where you stand, is the gold left or right?",
+                              "Tell me whether the gold is left or right of the agent.",
+                              "Does the gold lie to the left or to the right of you?",
+                              "Left or right of the agent, where is the gold?",
+                              "On the screen, is the gold more to the left or right than you?"],
                        heldout=["Is the gold on the left or on the right of the agent?",
                                 "Compared to you, is the gold left or right?"]),
         answers={"left": dict(train=["Left.", "It's on the left.", "The gold is on the left."],
@@ -1923,7 +1936,13 @@ QA_FAMILIES = {
                               "Is the gold higher or lower than the agent on the screen?",
                               "Is the gold up or down from you?",
                               "Where is the gold, above the agent or below it?",
-                              "Above or below: where is the gold compared to you?"],
+                              "Above or below: where is the gold compared to you?",
+                              "Is the gold higher up or lower down than you?",
+                              "From where you stand, is the gold up or down?",
+                              "Tell me whether the gold is above or below the agent.",
+                              "Does the gold lie above or below you?",
+                              "Above or below the agent, where is the gold?",
+                              "On the screen, is the gold higher or lower than you?"],
                        heldout=["Is the gold above you or below you?",
                                 "Compared to you, is the gold above or below?"]),
         answers={"above": dict(train=["Above.", "It's above.", "The gold is above."], heldout=["The gold lies up."]),
@@ -1937,7 +1956,13 @@ QA_FAMILIES = {
                               "Are you on the left or on the right of the gold?",
                               "On which side of the gold is the agent, left or right?",
                               "Where are you, left or right of the gold?",
-                              "Left or right: where are you compared to the gold?"],
+                              "Left or right: where are you compared to the gold?",
+                              "Which side of the gold are you on, left or right?",
+                              "From where the gold is, are you left or right?",
+                              "Tell me whether the agent is left or right of the gold.",
+                              "Do you stand to the left or to the right of the gold?",
+                              "Left or right of the gold, where are you?",
+                              "On the screen, are you more to the left or right than the gold?"],
                        heldout=["Is the agent on the left or on the right of the gold?",
                                 "Compared to the gold, are you left or right?"]),
         answers={"left": dict(train=["I am on the left.", "I'm to the left of it.", "The agent is on the left."],
@@ -1952,7 +1977,13 @@ QA_FAMILIES = {
                               "Is the agent higher or lower than the gold on the screen?",
                               "Are you up or down from the gold?",
                               "Where are you, above the gold or below it?",
-                              "Above or below: where are you compared to the gold?"],
+                              "Above or below: where are you compared to the gold?",
+                              "Are you higher up or lower down than the gold?",
+                              "From where the gold is, are you up or down?",
+                              "Tell me whether the agent is above or below the gold.",
+                              "Do you stand above or below the gold?",
+                              "Above or below the gold, where are you?",
+                              "On the screen, are you higher or lower than the gold?"],
                        heldout=["Is the agent above the gold or below the gold?",
                                 "Compared to the gold, are you above or below?"]),
         answers={"above": dict(train=["I am above.", "I'm above it.", "The agent is above."],
@@ -1967,7 +1998,13 @@ QA_FAMILIES = {
                               "To look at the gold, do you turn left or right?",
                               "Which turn faces the gold sooner, left or right?",
                               "Turn left or right: which brings the gold in front of you?",
-                              "Left or right, which way do you turn towards the gold?"],
+                              "Left or right, which way do you turn towards the gold?",
+                              "Which way do you turn to face the gold, left or right?",
+                              "Tell me whether to turn left or right to face the gold.",
+                              "Do you need to turn left or right to face the gold?",
+                              "Left or right: which turn points you at the gold?",
+                              "Which way must the agent turn to face the gold?",
+                              "To see the gold ahead, should you turn left or right?"],
                        heldout=["Should the agent turn left or right to face the gold?",
                                 "To face the gold, which way do you turn, left or right?"]),
         answers={"left": dict(train=["Turn left.", "Go left.", "I should turn left."], heldout=["Rotate left."]),
@@ -1981,7 +2018,13 @@ QA_FAMILIES = {
                               "Are you facing the gold?",
                               "If you walk forward, will you reach the gold?",
                               "Is the gold right in front of you?",
-                              "Does the agent face the gold?"],
+                              "Does the agent face the gold?",
+                              "Is the gold directly ahead of you?",
+                              "Tell me whether the gold is straight ahead.",
+                              "Would walking forward take you to the gold?",
+                              "Is the agent pointed at the gold?",
+                              "Will going forward bring you to the gold?",
+                              "Is the gold ahead of the agent?"],
                        heldout=["Is the gold straight in front of the agent?",
                                 "Are you looking straight at the gold?"]),
         answers={"yes": dict(train=["Yes.", "Yes, it is ahead.", "Yes, I am facing it."],
@@ -1996,7 +2039,13 @@ QA_FAMILIES = {
                               "Is the agent near the gold or far from it?",
                               "How far is the gold: near or far?",
                               "Is the gold nearby or distant?",
-                              "Near or far: where is the gold?"],
+                              "Near or far: where is the gold?",
+                              "Tell me whether the gold is near or far.",
+                              "Is the gold close by or a long way off?",
+                              "From where you stand, is the gold near or far?",
+                              "Near or far from the agent, where is the gold?",
+                              "Is the distance to the gold short or long?",
+                              "On the screen, is the gold close to the agent or far from it?"],
                        heldout=["Is the gold far from you or near you?",
                                 "Is the gold near the agent or far away?"]),
         answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),

@@ -84,7 +84,7 @@ def test_phrasing_phases_one_phrasing_then_any_question_and_some_answers():
     """First phase: one question per family, one answer per label. Then every training question, and the
     label's first answer except for a share --answer-variety of the answers; every pair is labelled right."""
     rng = np.random.default_rng(0)
-    scenes = core.qa_scenes(40, 1, families=["ahead"])["ahead"]
+    scenes = core.qa_scenes(120, 1, families=["ahead"])["ahead"]
 
     def asked(first, variety):
         qs, ans = tutorial_qa.qa_batch([(s, f) for s in scenes for f in tutorial_qa.FAMILY_ORDER], rng, first, variety)
