@@ -102,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    core.main_guard(main)

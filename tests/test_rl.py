@@ -153,3 +153,5 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     by_action = sum(int(n) for n in re.findall(r"^  (?:forward|left|right) +[\d.]+% \((\d+)\)", out, re.M))
     by_angle = sum(int(n) for n in re.findall(r"^ +\d+- *\d+ +[\d.]+% \((\d+)\)", out, re.M))
     assert steps == by_action == by_angle > 0, out
+    missing = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "nothing", check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
