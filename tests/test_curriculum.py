@@ -36,11 +36,13 @@ def report_rows(path):
     return rows
 
 
-def wait_for(path, proc, timeout=300):
-    """Wait until `path` exists (a stage has started: its Run made the folder's train.log), then a little more."""
+def wait_for(paths, proc, timeout=300):
+    """Wait until every path exists (a stage has started: its Run made the folder's train.log), then a little
+    more. A stage signalled before that (still importing torch) stops with nothing to save and no log."""
     deadline = time.time() + timeout
-    while not path.exists():
-        assert proc_alive(proc) and time.time() < deadline, f"{path} never appeared"
+    while not all(path.exists() for path in paths):
+        missing = [str(path) for path in paths if not path.exists()]
+        assert proc_alive(proc) and time.time() < deadline, f"{missing} never appeared"
         time.sleep(0.05)
     time.sleep(0.5)
 
@@ -61,7 +63,7 @@ def ctrl_c_in_a_terminal(out, stage):
         os.execvpe("bash", ["bash", "curriculum.sh", "--quick", "--out-dir", str(out)],
                    {**script_env(), "PYTHON": sys.executable})
     threading.Thread(target=_drain, args=(fd,), daemon=True).start()     # the script never blocks on its terminal
-    wait_for(out / stage / "train.log", pid)
+    wait_for([out / stage / "train.log"], pid)
     os.write(fd, b"\x03")
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
@@ -78,7 +80,7 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     out = tmp_path / "curriculum"
     # `kill` (SIGTERM) while image and text pretraining run side by side: both save a checkpoint and stop
     first = curriculum(out)
-    wait_for(out / "text" / "train.log", first)
+    wait_for([out / "image" / "train.log", out / "text" / "train.log"], first)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) != 0
     assert not (out / "text" / "finished.json").exists()
