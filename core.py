@@ -886,6 +886,22 @@ def load_weights(module, state, what):
                               f"another version of core.py; retrain that stage")
 
 
+def load_brain(spec):
+    """A checkpoint (file, run folder or FOLDER/best) as (brain in eval mode on the CPU, the checkpoint's other
+    contents, its path). What only resuming needs (optimizer, rng, cursor) is dropped: a base checkpoint's
+    optimizer state is twice its weights. Weights that do not fit their config are a CheckpointError."""
+    path = resolve_checkpoint(spec)
+    ckpt = load_checkpoint(path)
+    try:
+        brain = Brain(BrainConfig(**ckpt["config"]))
+        load_weights(brain, ckpt.pop("model"), path)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit its config ({type(e).__name__})") from None
+    for key in ("optimizer", "rng", "cursor"):
+        ckpt.pop(key, None)
+    return brain.eval(), ckpt, path
+
+
 def init_from(brain, paths, log=print):
     """Take each part from the (last) checkpoint that trained it: image parts from image pretraining,
     text parts and the tokenizer from text pretraining. Returns (tokenizer json or None, origins)."""
@@ -1748,8 +1764,8 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     control row the frame itself), line pixels (where the target differs from the frame) weighing line_weight
     times the rest. They are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on a
     control row the same weight makes a phantom line as costly as a missing one. Given the strokes' ends
-    (Brain.draw) and the bar's (`bar`: game.line_ends, with its (B,) flags cleared on the rows that want no
-    bar), plus end_weight x the squared distance of the first stroke's ends from the bar's, summed over the
+    (Brain.draw) and the bar's (`bar`: game.line_task's ends and flags, the flags cleared on the rows that
+    want no bar), plus end_weight x the squared distance of the first stroke's ends from the bar's, summed over the
     rows that want one and divided by all rows: the image loss alone tells a stroke where to go only once it
     overlaps the bar, and strokes left to it alone stayed where they began."""
     weight = 1 + (line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
@@ -1757,7 +1773,7 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     if ends is None:
         return loss
     if bar is None:
-        raise ValueError("line_trick_loss: the strokes' ends need the bar's ends (bar=game.line_ends(...))")
+        raise ValueError("line_trick_loss: the strokes' ends need the bar's ends (bar: game.line_task's last two)")
     target, has = bar
     d = ((ends[has, 0].float() - target[has]) ** 2).sum((1, 2))         # the first stroke's two ends
     return loss + end_weight * d.sum() / len(want)
@@ -1775,11 +1791,11 @@ def line_replay_loss(brain, tokenizer, n, rng):
     keep the line in img_dec (IoU 0.012 after the QA tutorial; with the ends, 0.219)."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     scenes = [game.random_bare_settings(rng) for _ in range(n)]
-    frames, targets = game.render(scenes, cfg.img_size, device), game.line_target(scenes, cfg.img_size, device)
+    frames, targets, *bar = game.line_task(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
     recon, ends = brain.draw(text, frames, encoders_learn=False)
-    return line_trick_loss(recon, frames, targets, targets, ends=ends, bar=game.line_ends(scenes, device))
+    return line_trick_loss(recon, frames, targets, targets, ends=ends, bar=bar)
 
 
 def qa_replay_loss(brain, tokenizer, n, rng):

@@ -53,16 +53,7 @@ class Checkpoint:
     and the rest of what resuming needs are dropped (a base checkpoint's optimizer is twice its weights)."""
 
     def __init__(self, spec, device):
-        self.path = core.resolve_checkpoint(spec)
-        self.ckpt = core.load_checkpoint(self.path)
-        try:
-            self.brain = core.Brain(core.BrainConfig(**self.ckpt["config"]))
-            core.load_weights(self.brain, self.ckpt.pop("model"), self.path)
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise core.CheckpointError(f"{self.path}: its weights do not fit its config ({type(e).__name__})") from None
-        for key in ("optimizer", "rng", "cursor"):
-            self.ckpt.pop(key, None)
-        self.brain.eval()
+        self.brain, self.ckpt, self.path = core.load_brain(spec)
         self.tokenizer = core.Tokenizer.from_json(self.ckpt["tokenizer"]) if self.ckpt.get("tokenizer") else None
         stage = self.ckpt.get("stage")
         self.skills = set(self.ckpt.get("skills") or [core.STAGE_SKILLS.get(stage)])

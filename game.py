@@ -498,11 +498,13 @@ def line_target(settings_list, size, device="cpu") -> torch.Tensor:
     return GameBatch(settings_list, device).render(size, line=True)
 
 
-def line_ends(settings_list, device="cpu"):
-    """Where the line target's bar begins and ends, exactly: (B, 2, 2) float32 points in board units (x right,
-    y down), the agent's rim first, then the gold's; and (B,) bool, whether the frame has a bar."""
-    ends, has = GameBatch(settings_list, device).line_ends()
-    return ends.float(), has
+def line_task(settings_list, size, device="cpu"):
+    """The line trick's data from one GameBatch: the frames, their line targets (line_target), and where each
+    target's bar begins and ends, exactly: (B, 2, 2) float32 points in board units (x right, y down), the
+    agent's rim first, then the gold's; with (B,) bool, whether the target has a bar."""
+    env = GameBatch(settings_list, device)
+    ends, has = env.line_ends()
+    return env.render(size), env.render(size, line=True), ends.float(), has
 
 
 # ----------------------------------------------------------------------------- scene generators (numpy, CPU)

@@ -12,7 +12,7 @@ losses are mixed:
          they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
          the same weight makes a phantom line as costly as a missing one. The image decoder also paints a
          straight stroke (core.Strokes; --strokes 0, on every stage from image pretraining on, for none), and
-         the loss pulls its two ends to the ends of the target's bar (game.line_ends, from the scene), x
+         the loss pulls its two ends to the ends of the target's bar (game.line_task, from the scene), x
          --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar. The stages
          after this one replay the trick (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
@@ -97,15 +97,13 @@ def main(argv=None):
         rng = run.rng()
         with run.timing("data"):
             batch_scenes = [game.random_bare_settings(rng) for _ in range(B)]
-            frames = game.render(batch_scenes, size, run.device)
-            targets = game.line_target(batch_scenes, size, run.device)
+            frames, targets, bar_ends, has_bar = game.line_task(batch_scenes, size, run.device)
             control = torch.from_numpy(rng.random(B) < args.control_share).to(run.device)
             text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
         with run.autocast():
             recon, ends = brain.draw(text, frames)
             keep, kept = core.keeping_loss(brain, args, replay, rng)
         want = torch.where(control[:, None, None, None], frames, targets)
-        bar_ends, has_bar = game.line_ends(batch_scenes, run.device)
         line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, ends,
                                          (bar_ends, has_bar & ~control), args.end_weight)
         loss = line_loss + keep

@@ -57,11 +57,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    path = core.resolve_checkpoint(a.ckpt)
-    ckpt = core.load_checkpoint(path)
-    brain = core.Brain(core.BrainConfig(**ckpt["config"]))
-    core.load_weights(brain, ckpt["model"], path)
-    brain.eval()
+    brain, _, path = core.load_brain(a.ckpt)
     scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100))    # eval.py's scenes
     r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len)
 

@@ -205,6 +205,22 @@ def test_checkpoint_errors_are_clear(tmp_path):
         core.load_checkpoint(str(other))
 
 
+def test_load_brain_gives_the_saved_brain_and_refuses_weights_that_do_not_fit(tmp_path):
+    brain = small_brain()
+    os.makedirs(tmp_path / "run")
+    keeper = core.Keeper(str(tmp_path / "run"), "toy")
+    keeper.save({**payload(brain), "optimizer": {"state": {}}, "rng": {"python": 1}}, 1, metric=0.5)
+    loaded, ckpt, path = core.load_brain(str(tmp_path / "run" / "best"))
+    assert path.endswith("toy_best.pt") and not loaded.training and loaded.cfg == brain.cfg
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in brain.state_dict().items())
+    assert ckpt["stage"] == "toy" and not {"model", "optimizer", "rng"} & set(ckpt)
+    wider = payload(brain)
+    wider["config"]["width"] *= 2                     # the weights of one brain under another's sizes
+    core.atomic_save(wider, str(tmp_path / "wider.pt"))
+    with pytest.raises(core.CheckpointError, match="wider.pt: its weights do not fit its config"):
+        core.load_brain(str(tmp_path / "wider.pt"))
+
+
 def test_truncated_checkpoint_is_skipped_for_the_previous(tmp_path):
     brain = small_brain()
     keeper = core.Keeper(str(tmp_path), "toy", keep_last=5)

@@ -142,10 +142,8 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 2))
     out = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "imitation", "--offset", 0.3,
                      "--scenes", 6).stdout
-    ckpt = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "imitation")))
-    brain = core.Brain(core.BrainConfig(**ckpt["config"]))
-    core.load_weights(brain, ckpt["model"], "imitation")
-    greedy = core.evaluate_agent(brain.eval(), brain.cfg.img_size, "cpu", (0.3,), 6, baselines=False)
+    brain = core.load_brain(str(tmp_path / "imitation"))[0]
+    greedy = core.evaluate_agent(brain, brain.cfg.img_size, "cpu", (0.3,), 6, baselines=False)
     assert f"success {greedy['greedy_success@0.3']:.0%}" in out                 # the same scenes as eval.py
     ends = [int(n) for n in re.findall(r"^  (?:success|</s> before the limit|limit: [a-z ]+?) +(\d+)$", out, re.M)]
     assert sum(ends) == 6, out

@@ -156,14 +156,14 @@ def test_the_stages_after_the_trick_replay_it_into_img_dec_alone():
 def test_the_bar_ends_on_the_rims_agent_end_first_where_the_target_draws_it():
     settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.7, 0.5), (0.3, 0.5)), scene((0.6, 0.3), (0.2, 0.8)),
                 scene((0.5, 0.5), (0.5 + game.AGENT_RADIUS, 0.5))]                  # the last: gold touching the agent
-    ends, has = game.line_ends(settings)
+    frames, targets, ends, has = game.line_task(settings, SIZE)
+    assert torch.equal(frames, game.render(settings, SIZE)) and torch.equal(targets, game.line_target(settings, SIZE))
     rim, gold_rim = 0.3 + game.AGENT_RADIUS, 0.7 - game.GOLD_RADIUS
     assert has.tolist() == [True, True, True, False] and ends.dtype == torch.float32
     assert torch.allclose(ends[0], torch.tensor([[rim, 0.5], [gold_rim, 0.5]]))
     assert torch.allclose(ends[1], torch.tensor([[1 - rim, 0.5], [1 - gold_rim, 0.5]]))         # the agent's first
     # the target picture's bar lies between them: its pixels' extremes along its axis are the ends, within a pixel
-    frames, targets = game.render(settings[:3], SIZE), game.line_target(settings[:3], SIZE)
-    centre, angle, lo, hi, n = core.principal_axis((targets != frames).any(1))
+    centre, angle, lo, hi, n = core.principal_axis((targets[:3] != frames[:3]).any(1))
     u = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
     seen = ((centre[:, None] + torch.stack([lo, hi], 1)[..., None] * u[:, None]) + 0.5) / SIZE
     for b in range(3):
@@ -186,8 +186,8 @@ def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
     """line_trick_loss adds end_weight x the squared distance of the first stroke's ends from the bar's (none on a
     control row, whose wanted frame has no bar), and its gradient reaches the strokes' pointers."""
     settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.6, 0.3), (0.2, 0.8))]
-    frames, targets = game.render(settings, SIZE), game.line_target(settings, SIZE)
-    true, has = bar = game.line_ends(settings)
+    frames, targets, *bar = game.line_task(settings, SIZE)
+    true, has = bar
     recon = frames.clone()
     plain = core.line_trick_loss(recon, frames, targets, targets)
     assert core.line_trick_loss(recon, frames, targets, targets, ends=true[:, None], bar=bar).item() == pytest.approx(
