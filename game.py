@@ -580,12 +580,16 @@ def random_settings(rng, n_inner_walls=(1, 2), n_gold=(1, 2), right_angles=False
     return Settings(agent[0], agent[1], float(rng.uniform(0, 2 * math.pi)), gold=gold, walls=walls)
 
 
-def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000) -> Settings:
+def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000, max_heading_error=None) -> Settings:
     """Side walls only and exactly one gold piece, drawn uniformly from the part of the board
-    within a box of half-width max_agent_offset around the agent, never touching the agent."""
+    within a box of half-width max_agent_offset around the agent, never touching the agent. The heading is
+    uniform, or with max_heading_error (radians) within that much of the direction to the gold (the same draws
+    as without it, then one more)."""
     rng = _rng(rng)
     if not (isinstance(max_agent_offset, (int, float)) and max_agent_offset > 0):
         raise ValueError(f"max_agent_offset must be a positive number, got {max_agent_offset!r}")
+    if max_heading_error is not None and not 0 <= max_heading_error <= math.pi:
+        raise ValueError(f"max_heading_error must be in [0, pi] radians, got {max_heading_error!r}")
     walls = _side_walls(rng)
     heading = float(rng.uniform(0, 2 * math.pi))
     agents = rng.uniform(AGENT_RADIUS, 1 - AGENT_RADIUS, size=(max_tries, 2))
@@ -598,6 +602,9 @@ def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000) -> Settings:
         raise ValueError(f"random_bare_settings: could not place the gold within {max_agent_offset} "
                          f"of the agent without touching it in {max_tries} tries")
     i = int(ok.argmax())
+    if max_heading_error is not None:
+        toward = math.atan2(golds[i, 1] - agents[i, 1], golds[i, 0] - agents[i, 0])
+        heading = (toward + float(rng.uniform(-max_heading_error, max_heading_error))) % (2 * math.pi)
     return Settings(float(agents[i, 0]), float(agents[i, 1]), heading,
                     gold=[(float(golds[i, 0]), float(golds[i, 1]))], walls=walls)
 

@@ -10,6 +10,8 @@ it, so its imitation loss went to ~0 while the agent learned nothing.
     python rl_fake_traces.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
     nohup python rl_fake_traces.py --preset base --gpu 0 --init-from ... &
 """
+import math
+
 import numpy as np
 import torch
 
@@ -33,11 +35,19 @@ def main(argv=None):
     parser.add_argument("--actions-per-batch", type=int, default=128,
                         help="actions scored per batch, drawn from the batch's episodes (0: all; each costs a frame "
                              "through img_enc, and consecutive actions of one episode teach much the same)")
+    parser.add_argument("--facing-share", type=float, default=0.0,
+                        help="share of the scenes whose agent starts facing the gold within --facing-error: the "
+                             "decisions near alignment (walk, or turn once more) are few in traces from uniform "
+                             "headings (about a tenth of the oracle's states are within 20 degrees)")
+    parser.add_argument("--facing-error", type=float, default=45.0, help="degrees; see --facing-share")
     core.add_forgetting_args(parser, qa_replay=True)
     parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
     args = parser.parse_args(argv)
+    if not 0 <= args.facing_share <= 1 or not 0 <= args.facing_error <= 180:
+        parser.error(f"--facing-share must be in [0, 1] and --facing-error in [0, 180] degrees, got "
+                     f"{args.facing_share} and {args.facing_error}")
 
     run = core.Run("rl_fake_traces", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)
@@ -50,7 +60,11 @@ def main(argv=None):
         rng = run.rng()
         with run.timing("data"):
             offsets = rng.uniform(0.05, args.max_agent_offset, args.batch_size)
-            scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in offsets]
+            facing = (rng.random(args.batch_size) < args.facing_share if args.facing_share else
+                      np.zeros(args.batch_size, dtype=bool))      # no draw: the default run's scenes unchanged
+            scenes = [game.random_bare_settings(rng, max_agent_offset=o,
+                                                max_heading_error=math.radians(args.facing_error) if f else None)
+                      for o, f in zip(offsets, facing)]
             n_self = round(args.dagger * len(scenes))
             # oracle traces, and (DAgger) the brain's own episodes with the oracle's action for every state it
             # met: imitating oracle traces alone lets the brain copy its previous action instead of looking

@@ -356,6 +356,19 @@ def test_bare_scenes_put_one_gold_near_the_agent(offset):
         assert len(s.walls) in (4, 5) and all(w[4] == 0 for w in s.walls)
 
 
+def test_bare_scenes_can_face_the_gold_within_a_given_error_and_keep_the_same_places():
+    errors = []
+    for seed in range(40):
+        plain, facing = game.random_bare_settings(seed), game.random_bare_settings(seed, max_heading_error=0.5)
+        assert (facing.agent_x, facing.agent_y, facing.gold) == (plain.agent_x, plain.agent_y, plain.gold)
+        assert 0 <= facing.heading < 2 * math.pi
+        errors.append(abs(game.scene_facts(facing)["angle"]))
+    assert max(errors) <= 0.5 + 1e-9 and min(errors) < 0.1 < max(errors)
+    assert abs(game.scene_facts(game.random_bare_settings(3, max_heading_error=0))["angle"]) < 1e-9
+    with pytest.raises(ValueError, match="max_heading_error"):
+        game.random_bare_settings(0, max_heading_error=4)
+
+
 def test_impossible_bare_scenes_fail_clearly():
     with pytest.raises(ValueError, match="could not place"):
         game.random_bare_settings(0, max_agent_offset=0.01, max_tries=200)

@@ -1,4 +1,5 @@
 """The RL stages by example: the brain as a policy, oracle traces, GRPO's advantages, resume, flat memory."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -93,7 +94,7 @@ def rl_args(run_dir, steps, *extra):
             "--save-every", 3, "--eval-every", 6, "--eval-scenes", 4, "--eval-offsets", 0.1, *extra]
 
 
-@pytest.mark.parametrize("stage,extra", [("rl_fake_traces.py", []),
+@pytest.mark.parametrize("stage,extra", [("rl_fake_traces.py", ["--facing-share", 0.5]),
                                          ("rl_grpo.py", ["--group-size", 3, "--guides", 1])])
 def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, tmp_path):
     out = run_script(stage, *rl_args(tmp_path / "a", 8, *extra)).stdout
@@ -106,6 +107,12 @@ def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, tmp_path):
     b = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "b")))
     assert a["batch"] == b["batch"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_imitation_names_a_bad_facing_share(tmp_path):
+    bad = run_script("rl_fake_traces.py", *rl_args(tmp_path / "a", 2, "--facing-share", 1.5), check=False)
+    assert bad.returncode == 2 and "--facing-share must be in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+    assert not os.path.exists(tmp_path / "a")
 
 
 def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
@@ -153,3 +160,27 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     assert steps == by_action == by_angle > 0, out
     missing = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "nothing", check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
+
+
+def test_the_action_probe_reads_the_oracle_s_action_from_the_keypoint_token_and_from_the_truth(tmp_path):
+    """benchmarks/probe_action.py: a fresh reader of the oracle's action on a frozen brain's keypoint token, beside
+    the same reader on the scene's true coordinates, by the gold's angle from the heading."""
+    brain = small_brain()
+    os.makedirs(tmp_path / "run")
+    core.Keeper(str(tmp_path / "run"), "rl_fake_traces").save(
+        {"format": core.FORMAT, "stage": "rl_fake_traces", "batch": 1, "config": dataclasses.asdict(brain.cfg),
+         "model": brain.state_dict(), "trained_parts": core.AGENT_PARTS}, 1)
+    out = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "run", "--scenes", 10, "--held-out", 0.3,
+                     "--steps", 5, "--batch-size", 16).stdout
+    held = int(re.search(r"(\d+) held out", out).group(1))
+    rows = re.findall(r"^  (commonest label in bin|keypoint token|truth) +([\d.]+)% \|(.*)$", out, re.M)
+    assert [name for name, _, _ in rows] == ["commonest label in bin", "keypoint token", "truth"], out
+    for _, overall, cells in rows:
+        counts = [int(n) for n in re.findall(r"\((\d+)\)", cells)]
+        shares = [float(s) for s in re.findall(r"(\d+)% \(", cells)]
+        assert sum(counts) == held > 0 and 0 <= float(overall) <= 100 and all(0 <= s <= 100 for s in shares)
+        assert len(cells.split("|")) == 6, out                                      # six angle bins
+    bad = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "run", "--held-out", 1.5, check=False)
+    assert bad.returncode == 2 and "--held-out 1.5" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "none", check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
