@@ -605,6 +605,7 @@ def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000, max_heading_
     if max_heading_error is not None:
         toward = math.atan2(golds[i, 1] - agents[i, 1], golds[i, 0] - agents[i, 0])
         heading = (toward + float(rng.uniform(-max_heading_error, max_heading_error))) % (2 * math.pi)
+        heading = 0.0 if heading >= 2 * math.pi else heading      # % rounds a tiny negative angle up to 2*pi
     return Settings(float(agents[i, 0]), float(agents[i, 1]), heading,
                     gold=[(float(golds[i, 0]), float(golds[i, 1]))], walls=walls)
 
