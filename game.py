@@ -42,6 +42,8 @@ EXIT_GAP = 0.2                 # width of the gap some side walls have (wider th
 LINE_WIDTH = 0.021             # thickness of the "line to gold" bar
 NEAR_DISTANCE = 0.25           # scene_facts: gold closer than this (centre to centre) is "near"
 MAX_ACTIONS = 31               # an episode's action limit (oracle traces, RL)
+MIN_BARE_OFFSET = 0.075        # random_bare_settings places its gold reliably from this max_agent_offset up:
+                               # below, the box leaves little room outside the agent (0.05: 2 seeds in 1000 failed)
 ZOOM_RANGE = (2.0, 21.0)       # zoom factors of the image-pretraining mix (log-uniform)
 MIN_SIZE = 8
 _CHUNK = 2 ** 18

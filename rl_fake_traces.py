@@ -23,7 +23,8 @@ def main(argv=None):
     parser = core.stage_parser(__doc__, steps=1500, batch_size=16, lr=5e-4, warmup=50, eval_every=250,
                                save_every=250)
     parser.add_argument("--max-agent-offset", type=float, default=0.3,
-                        help="gold within this box half-width around the agent; training draws offsets up to it")
+                        help="gold within this box half-width around the agent; training draws offsets up to it "
+                             "(from game.MIN_BARE_OFFSET)")
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
     parser.add_argument("--dagger", type=float, default=0.5,
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
@@ -45,6 +46,9 @@ def main(argv=None):
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
     args = parser.parse_args(argv)
+    if min(args.max_agent_offset, *args.eval_offsets) < game.MIN_BARE_OFFSET:
+        parser.error(f"--max-agent-offset and --eval-offsets must be at least {game.MIN_BARE_OFFSET} (closer, the "
+                     f"gold has hardly room beside the agent), got {args.max_agent_offset} and {args.eval_offsets}")
     if not 0 <= args.facing_share <= 1 or not 0 <= args.facing_error <= 180:
         parser.error(f"--facing-share must be in [0, 1] and --facing-error in [0, 180] degrees, got "
                      f"{args.facing_share} and {args.facing_error}")
@@ -59,7 +63,7 @@ def main(argv=None):
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            offsets = rng.uniform(0.05, args.max_agent_offset, args.batch_size)
+            offsets = rng.uniform(game.MIN_BARE_OFFSET, args.max_agent_offset, args.batch_size)
             facing = (rng.random(args.batch_size) < args.facing_share if args.facing_share else
                       np.zeros(args.batch_size, dtype=bool))      # no draw: the default run's scenes unchanged
             scenes = [game.random_bare_settings(rng, max_agent_offset=o,

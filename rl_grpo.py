@@ -55,6 +55,9 @@ def main(argv=None):
     c.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="held-out offsets")
     core.add_forgetting_args(parser, qa_replay=True)
     args = parser.parse_args(argv)
+    if min(args.offset_start, args.offset_max, *args.eval_offsets) < game.MIN_BARE_OFFSET:
+        parser.error(f"--offset-start, --offset-max and --eval-offsets must be at least {game.MIN_BARE_OFFSET} "
+                     f"(closer, the gold has hardly room beside the agent)")
 
     run = core.Run("rl_grpo", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)

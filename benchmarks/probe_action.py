@@ -4,8 +4,8 @@ beside the same reader on the scene's true coordinates.
 benchmarks/agent_steps.py shows the greedy agent agreeing with the oracle in 93-97% of the steps where the
 gold is far off its heading, but in 40-64% where it is within 20 degrees (README, "Tenth session: where the
 greedy agent goes wrong"). Is that the policy's learning, or what the frame's features hold? On the states of
-oracle traces (bare scenes, max_agent_offset drawn up to --offset), with the brain frozen, one reader is
-trained on the oracle's action from:
+oracle traces (bare scenes, max_agent_offset drawn from game.MIN_BARE_OFFSET up to --offset), with the brain
+frozen, one reader is trained on the oracle's action from:
 
   - keypoint token: the brain's image context's first token (what its reader and text decoder read of where
     things are);
@@ -82,15 +82,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not 0 < a.held_out < 1 or round(a.scenes * a.held_out) in (0, a.scenes):
         raise core.UsageError(f"--held-out {a.held_out} of --scenes {a.scenes} leaves no scene to train or to hold out")
-    if not 0.05 < a.offset <= 1:
-        raise core.UsageError(f"--offset must be in (0.05, 1], got {a.offset}")
+    if not game.MIN_BARE_OFFSET <= a.offset <= 1:
+        raise core.UsageError(f"--offset must be in [{game.MIN_BARE_OFFSET}, 1], got {a.offset}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     brain, _, path = core.load_brain(a.ckpt)
     if not brain.cfg.keypoints:
         raise core.UsageError(f"{path}: this brain has no keypoint token (--keypoints 0); nothing to read")
 
     rng = np.random.default_rng(a.seed)
-    scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in rng.uniform(0.05, a.offset, a.scenes)]
+    offsets = rng.uniform(game.MIN_BARE_OFFSET, a.offset, a.scenes)
+    scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in offsets]
     r = core.rollout(scenes, "oracle", brain.cfg.img_size, "cpu", seq_len=brain.cfg.seq_len)
     states, episode, _ = r.flat()
     labels = r.labels[r.taken]                                   # the same (episode, step) order as flat()

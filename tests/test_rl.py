@@ -109,9 +109,13 @@ def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_imitation_names_a_bad_facing_share(tmp_path):
-    bad = run_script("rl_fake_traces.py", *rl_args(tmp_path / "a", 2, "--facing-share", 1.5), check=False)
-    assert bad.returncode == 2 and "--facing-share must be in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+@pytest.mark.parametrize("stage,extra,message", [
+    ("rl_fake_traces.py", ["--facing-share", 1.5], "--facing-share must be in [0, 1]"),
+    ("rl_fake_traces.py", ["--max-agent-offset", 0.05], f"must be at least {game.MIN_BARE_OFFSET}"),
+    ("rl_grpo.py", ["--offset-start", 0.05], f"must be at least {game.MIN_BARE_OFFSET}")])
+def test_the_agent_stages_name_bad_offsets_and_shares_before_starting(stage, extra, message, tmp_path):
+    bad = run_script(stage, *rl_args(tmp_path / "a", 2, *extra), check=False)
+    assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
     assert not os.path.exists(tmp_path / "a")
 
 
