@@ -65,7 +65,7 @@ def main(argv=None):
         with run.timing("data"):
             offsets = rng.uniform(game.MIN_BARE_OFFSET, args.max_agent_offset, args.batch_size)
             facing = (rng.random(args.batch_size) < args.facing_share if args.facing_share else
-                      np.zeros(args.batch_size, dtype=bool))      # no draw: the default run's scenes unchanged
+                      np.zeros(args.batch_size, dtype=bool))      # no draw at share 0: nothing else changes
             scenes = [game.random_bare_settings(rng, max_agent_offset=o,
                                                 max_heading_error=math.radians(args.facing_error) if f else None)
                       for o, f in zip(offsets, facing)]
