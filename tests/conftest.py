@@ -35,3 +35,11 @@ def kill_when(script, pattern, *args, sig=signal.SIGKILL):
             break
     seen.append(proc.stdout.read())
     return proc.wait(), "".join(seen)
+
+
+def payload(brain, stage="toy", batch=1, trained=("img_enc", "img_dec"), tokenizer=None):
+    """What a stage's checkpoint holds, for a brain made in a test (Keeper.save or torch.save writes it)."""
+    import dataclasses
+    import core
+    return {"format": core.FORMAT, "stage": stage, "batch": batch, "config": dataclasses.asdict(brain.cfg),
+            "model": brain.state_dict(), "trained_parts": list(trained), "tokenizer": tokenizer}

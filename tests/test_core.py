@@ -12,7 +12,7 @@ import torch
 
 import core
 
-from conftest import ROOT, SMALL_ARGS, kill_when, run_script, script_env
+from conftest import ROOT, SMALL_ARGS, kill_when, payload, run_script, script_env
 
 SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=300)
 SENTENCES = ["The gold is to the left of the agent.", "Turn right to face the gold.", "A cat sat on the mat.",
@@ -181,12 +181,6 @@ def test_tokenizer_special_ids_padding_and_round_trip():
 
 
 # ---- checkpoints
-
-def payload(brain, stage="toy", batch=1, trained=("img_enc", "img_dec"), tokenizer=None):
-    import dataclasses
-    return {"format": core.FORMAT, "stage": stage, "batch": batch, "config": dataclasses.asdict(brain.cfg),
-            "model": brain.state_dict(), "trained_parts": list(trained), "tokenizer": tokenizer}
-
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(core.CheckpointError, match="no checkpoint"):

@@ -1,5 +1,4 @@
 """The RL stages by example: the brain as a policy, oracle traces, GRPO's advantages, resume, flat memory."""
-import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +11,7 @@ import torch
 import core
 import game
 import rl_grpo
-from conftest import ROOT, SMALL_ARGS, kill_when, run_script
+from conftest import ROOT, SMALL_ARGS, kill_when, payload, run_script
 
 SMALL = dict(img_size=32, patch=8, width=32, img_heads=2, text_heads=2, value_heads=2, vocab=300)
 
@@ -172,8 +171,7 @@ def test_the_action_probe_reads_the_oracle_s_action_from_the_keypoint_token_and_
     brain = small_brain()
     os.makedirs(tmp_path / "run")
     core.Keeper(str(tmp_path / "run"), "rl_fake_traces").save(
-        {"format": core.FORMAT, "stage": "rl_fake_traces", "batch": 1, "config": dataclasses.asdict(brain.cfg),
-         "model": brain.state_dict(), "trained_parts": core.AGENT_PARTS}, 1)
+        payload(brain, "rl_fake_traces", trained=core.AGENT_PARTS), 1)
     out = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "run", "--scenes", 10, "--held-out", 0.3,
                      "--steps", 5, "--batch-size", 16).stdout
     held = int(re.search(r"(\d+) held out", out).group(1))
