@@ -728,6 +728,27 @@ def oracle_trace(settings, max_actions=MAX_ACTIONS, backward=False) -> Trace:
     return oracle_traces([settings], max_actions, backward)[0]
 
 
+def action_values(settings_list, actions=(FORWARD, LEFT, RIGHT), max_actions=MAX_ACTIONS, backward=False,
+                  device="cpu") -> torch.Tensor:
+    """The oracle's action values: for each scene and each of `actions`, the actions it takes to collect a gold
+    piece when that action comes first and the oracle plays on: (N, len(actions)) long, at most 1 + max_actions,
+    and max_actions + 2 where no gold is collected by then. Their argmin is the oracle improved by one step of
+    policy iteration; near alignment several actions often tie (walk now, or after one more turn), and there the
+    oracle's own choice is one of several equally short ones (or, now and then, not the shortest)."""
+    n, k = len(settings_list), len(actions)
+    batch = GameBatch([s for s in settings_list for _ in actions], device)
+    got = batch.step(torch.tensor(actions, device=batch.device).repeat(n)) > 0
+    cost = torch.where(got, 1, max_actions + 2)
+    running = ~got & (batch.gold_left() > 0)
+    for t in range(max_actions):
+        if not running.any():
+            break
+        got = (batch.step(torch.where(running, batch.oracle_actions(backward), NOOP)) > 0) & running
+        cost = torch.where(got, t + 2, cost)
+        running &= ~got
+    return cost.view(n, k)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def _to_png(frame, path):

@@ -7,6 +7,9 @@ state it met, compares its action with the forward-only oracle's for that state 
   - agreement by the oracle's action (forward, left, right) and the confusion between them;
   - agreement by the gold's angle from the heading (|angle| in degrees; "ahead" is within the agent's
     width, about 10 degrees at offset 0.3), which separates reading the heading coarsely from finely;
+    beside it, the share of steps whose action was one of the shortest ways on among forward, left and right
+    (game.action_values: that action, then the oracle), since near alignment walking now or after one more
+    turn often tie and the oracle takes one of them;
   - failed episodes by how they ended: </s> before the action limit, or the limit reached (its last action
     may be </s>) having turned back and forth (a turn undone by the next action, twice or more), having
     kept turning (four actions in five or more), having passed the gold (closest, then farther), or
@@ -61,7 +64,12 @@ def main(argv=None):
     scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100))    # eval.py's scenes
     r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len)
 
-    by_oracle, by_angle, confusion, ends = Counter(), Counter(), Counter(), Counter()
+    states, episode, step = r.flat()
+    moves = (game.FORWARD, game.LEFT, game.RIGHT)           # the forward-only oracle's (backward can be shorter)
+    values = game.action_values(states, moves)
+    best = {(int(b), int(t)): {game.ACTION_NAMES[a] for a, v in zip(moves, row) if v == min(row)}
+            for b, t, row in zip(episode, step, values.tolist())}
+    by_oracle, by_angle, optimal, confusion, ends = Counter(), Counter(), Counter(), Counter(), Counter()
     for b in range(len(scenes)):
         steps = int(r.steps[b])
         actions = [NAMES[int(x)] for x in r.text[b, 1: steps + 1]]
@@ -75,23 +83,26 @@ def main(argv=None):
             degrees = abs(math.degrees(facts["angle"]))
             bin_ = next(i for i in range(len(ANGLE_BINS) - 1) if degrees < ANGLE_BINS[i + 1])
             by_angle[bin_, want == got] += 1
+            optimal[bin_] += got in best[b, t]
         ends[episode_end(actions, distances, bool(r.success[b]))] += 1
 
     total = sum(confusion.values())
     agree = sum(n for (w, g), n in confusion.items() if w == g)
     print(f"{path}: greedy, {a.scenes} held-out scenes at offset {a.offset}")
-    print(f"success {ends['success'] / a.scenes:.0%}; steps {total}, agreeing with the oracle {agree / total:.1%}")
+    print(f"success {ends['success'] / a.scenes:.0%}; steps {total}, agreeing with the oracle {agree / total:.1%}, "
+          f"one of the shortest ways on {sum(optimal.values()) / total:.1%}")
     print("\nby the oracle's action: agreement (steps)")
     for want in ("forward", "left", "right"):
         n = by_oracle[want, True] + by_oracle[want, False]
         if n:
             row = ", ".join(f"{g} {confusion[want, g]}" for g in NAMES.values() if confusion[want, g])
             print(f"  {want:8s} {by_oracle[want, True] / n:6.1%} ({n}); taken: {row}")
-    print("\nby |angle| to the gold (degrees): agreement (steps)")
+    print("\nby |angle| to the gold (degrees): agreement with the oracle, one of the shortest ways on (steps)")
     for i in range(len(ANGLE_BINS) - 1):
         n = by_angle[i, True] + by_angle[i, False]
         if n:
-            print(f"  {ANGLE_BINS[i]:3.0f}-{min(ANGLE_BINS[i + 1], 180):3.0f}  {by_angle[i, True] / n:6.1%} ({n})")
+            print(f"  {ANGLE_BINS[i]:3.0f}-{min(ANGLE_BINS[i + 1], 180):3.0f}  {by_angle[i, True] / n:6.1%}  "
+                  f"{optimal[i] / n:6.1%} ({n})")
     print("\nepisodes by how they ended")
     for end, n in ends.most_common():
         print(f"  {end:30s} {n}")

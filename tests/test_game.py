@@ -490,6 +490,29 @@ def test_oracle_turns_the_shorter_way_and_reverses_only_when_allowed():
     assert game.oracle_action(open_scene(0.5, 0.5, 0.0, gold=[])) == NOOP
 
 
+def test_action_values_count_the_actions_to_the_gold():
+    # gold straight ahead, 0.2 away: three steps; a turn first keeps it within the agent's width, so one more
+    ahead = open_scene(0.5, 0.5, 0.0, gold=[(0.7, 0.5)])
+    assert len(game.oracle_trace(ahead).actions) == 3
+    assert game.action_values([ahead]).tolist() == [[3, 4, 4]]          # forward, left, right
+    # 0.4 away and a little to the right (down on screen): the oracle turns right first, walking first is as short
+    aside = open_scene(0.5, 0.5, 0.0, gold=[(0.9, 0.56)])
+    trace = game.oracle_trace(aside)
+    forward, left, right = game.action_values([aside])[0].tolist()
+    assert trace.actions[0] == RIGHT and forward == right == len(trace.actions) < left
+    # touching after one step: 1; no gold to collect: max_actions + 2
+    assert game.action_values([open_scene(0.5, 0.5, 0.0, gold=[(0.56, 0.5)])], actions=(FORWARD,)).item() == 1
+    assert game.action_values([open_scene(0.5, 0.5, 0.0, gold=[])], max_actions=5).tolist() == [[7, 7, 7]]
+    # the oracle's own first action costs exactly its trace, and the best action no more
+    actions = (FORWARD, BACKWARD, LEFT, RIGHT)
+    scenes = [game.random_bare_settings(seed, max_agent_offset=0.3) for seed in range(40)]
+    for s, v in zip(scenes, game.action_values(scenes, actions=actions).tolist()):
+        trace = game.oracle_trace(s)
+        own = v[actions.index(trace.actions[0])]
+        assert own == len(trace.actions) if trace.success else own > game.MAX_ACTIONS
+        assert min(v) <= own
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_command_line_writes_a_png(tmp_path):

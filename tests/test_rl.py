@@ -159,8 +159,11 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     assert sum(ends) == 6, out
     steps = int(re.search(r"steps (\d+), agreeing", out).group(1))
     by_action = sum(int(n) for n in re.findall(r"^  (?:forward|left|right) +[\d.]+% \((\d+)\)", out, re.M))
-    by_angle = sum(int(n) for n in re.findall(r"^ +\d+- *\d+ +[\d.]+% \((\d+)\)", out, re.M))
-    assert steps == by_action == by_angle > 0, out
+    rows = [(float(o), int(n)) for o, n in re.findall(r"^ +\d+- *\d+ +[\d.]+% +([\d.]+)% \((\d+)\)", out, re.M)]
+    assert steps == by_action == sum(n for _, n in rows) > 0, out
+    # the share of the steps that took one of the shortest ways on (game.action_values), overall and by angle
+    overall = float(re.search(r"one of the shortest ways on ([\d.]+)%", out).group(1))
+    assert abs(sum(o * n for o, n in rows) / steps - overall) < 0.1, out
     missing = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "nothing", check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
 
