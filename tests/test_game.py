@@ -509,7 +509,7 @@ def test_action_values_count_the_actions_to_the_gold():
     for s, v in zip(scenes, game.action_values(scenes, actions=actions).tolist()):
         trace = game.oracle_trace(s)
         own = v[actions.index(trace.actions[0])]
-        assert own == len(trace.actions) if trace.success else own > game.MAX_ACTIONS
+        assert (own == len(trace.actions)) if trace.success else (own > game.MAX_ACTIONS)
         assert min(v) <= own
 
 
