@@ -886,6 +886,10 @@ def load_weights(module, state, what):
                               f"another version of core.py; retrain that stage")
 
 
+# What only resuming a run needs in a checkpoint; load_brain drops it.
+RESUME_ONLY = ("optimizer", "rng", "cursor")
+
+
 def load_brain(spec):
     """A checkpoint (file, run folder or FOLDER/best) as (brain in eval mode on the CPU, the checkpoint's other
     contents, its path). What only resuming needs (optimizer, rng, cursor) is dropped: a base checkpoint's
@@ -897,7 +901,7 @@ def load_brain(spec):
         load_weights(brain, ckpt.pop("model"), path)
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit its config ({type(e).__name__})") from None
-    for key in ("optimizer", "rng", "cursor"):
+    for key in RESUME_ONLY:
         ckpt.pop(key, None)
     return brain.eval(), ckpt, path
 

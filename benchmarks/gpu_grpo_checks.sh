@@ -24,8 +24,8 @@ timeout "$limit" python3 rl_grpo.py --run-dir /tmp/gpu_grpo_b --init-from "$imit
 timeout "$limit" python3 rl_grpo.py --run-dir /tmp/gpu_grpo_c --init-from "$grpo" "${common[@]}" --epochs 4 2>&1 | keep > "$out/c.txt" &
 wait
 for r in a b c; do    # each run's best brain, weights only (no optimizer state), to look at elsewhere
-    python3 -c "import sys, torch; c = torch.load(sys.argv[1], weights_only=True)
-for k in ('optimizer', 'rng', 'cursor'): c.pop(k, None)
+    python3 -c "import sys, torch, core; c = core.load_checkpoint(sys.argv[1])
+for k in core.RESUME_ONLY: c.pop(k, None)
 torch.save(c, sys.argv[2])" "/tmp/gpu_grpo_$r/rl_grpo_best.pt" "$out/best_$r.pt" 2>/dev/null
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader >> "$out/gpu.txt"
