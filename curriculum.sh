@@ -4,9 +4,11 @@
 #
 #   bash curriculum.sh                                   # tiny brain on the CPU (about 29 minutes on 2 cores)
 #   bash curriculum.sh --quick                           # smoke run: tiny shapes, a few steps (under 3 minutes)
+#   nohup bash curriculum.sh --long &                    # tiny brain, the long chain behind the README's best agent
 #   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
 #
-# Options: --quick, --out-dir DIR (default runs/curriculum), --jobs N (default 2: stages that do not start from
+# Options: --quick, --long (the tiny brain with the stage lengths of the README's best CPU agent, no minute caps:
+# hours), --dry-run (print each stage's command and stop), --out-dir DIR (default runs/curriculum), --jobs N (default 2: stages that do not start from
 # each other, image and text pretraining, run side by side; 1: one at a time), --help. Every other flag goes
 # to every stage (e.g. --preset base, --gpu 0, --device cuda, --seed 1, --amp bf16, --compile); --gpu and
 # --device also go to eval.py. Running it again after a kill or a crash continues: a stage whose folder holds
@@ -55,6 +57,19 @@ TINY_imitation=(--steps 300 --time-limit 7 "${FROZEN_agent[@]}" --eval-every 100
                 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 8 --time-limit 2.5 "${FROZEN_agent[@]}" --batch-size 8 --eval-every 4 --save-every 4
            --eval-scenes 32 --eval-offsets 0.1 0.3)
+
+# --long: tiny on the CPU without minute caps, the stage lengths that made the README's best agent (the long chain
+# of "The agent", tenth to twelfth sessions): QA tutorial 600 batches of 16, turn phase 600, imitation 1,500 with
+# every part training (frozen, imitation levelled off near 60% at offset 0.3), GRPO at the goal's offset 0.3.
+LONG_COMMON=()
+LONG_image=(--steps 550 --eval-every 275 --save-every 275)
+LONG_text=(--steps 650 --eval-every 325 --save-every 325)
+LONG_line=(--steps 400 --lr 2e-3 "${FROZEN_line[@]}" --eval-every 200 --save-every 200 --eval-scenes 128)
+LONG_qa=(--steps 600 --batch-size 16 --eval-every 300 --save-every 300 --eval-scenes 50)
+LONG_turn=(--steps 600 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300 --eval-scenes 50)
+LONG_imitation=(--steps 1500 --eval-every 300 --save-every 300 --eval-scenes 64 --eval-offsets 0.1 0.3 0.5)
+LONG_grpo=(--steps 12 --batch-size 8 --offset-start 0.3 --offset-max 0.3 --eval-every 6 --save-every 6
+           --eval-scenes 64 --eval-offsets 0.1 0.3 0.5)
 
 # --quick: the smallest brain the tests use and a few steps of each stage; eval.py --quick. The tiny
 # preset's vocabulary and sequence length, so a question that no longer fits them fails here too, and the
@@ -111,27 +126,64 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MODE=TINY
 OUT=runs/curriculum
 JOBS=2
+DRY=
 PASS=()
 EVAL_PASS=()
 QUICK=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=QUICK; QUICK=(--quick); shift ;;
+    --long) MODE=LONG; shift ;;
+    --dry-run) DRY=1; shift ;;
     --out-dir) OUT=${2:?--out-dir needs a folder}; shift 2 ;;
     --out-dir=*) OUT=${1#*=}; shift ;;
     --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
     --jobs=*) JOBS=${1#*=}; shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --preset) PASS+=("$1" "${2:?--preset needs a name}"); [ "$2" = tiny ] || MODE=FULL; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --preset) PASS+=("$1" "${2:?--preset needs a name}"); [ "$2" = tiny ] || PRESET=$2; shift 2 ;;
     --gpu|--device) PASS+=("$1" "${2:?$1 needs a value}"); EVAL_PASS+=("$1" "$2"); shift 2 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
 
+if [ -n "${PRESET:-}" ]; then
+  if [ "$MODE" != TINY ]; then
+    echo "error: --quick and --long are modes of the tiny brain on the CPU; --preset $PRESET takes the stages' own" \
+         "defaults (give their flags yourself to change them)" >&2
+    exit 2
+  fi
+  MODE=FULL
+fi
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: --jobs wants a whole number of stages, 1 or more; got '$JOBS'" >&2
   exit 2
 fi
+setting() { local name="${MODE}_$1[@]"; SETTING=(${!name+"${!name}"}); }
+
+# The command of one stage: its script, its folder, --resume if it has a checkpoint, its flags, --init-from.
+stage_command() {
+  local key=$1 script=$2 parents=$3 dir="$OUT/$1"
+  CMD=("$PYTHON" "$script" --run-dir "$dir")
+  if compgen -G "$dir/*.pt" > /dev/null; then CMD+=(--resume); fi
+  local all="ALL_$key[@]"; CMD+=(${!all+"${!all}"})
+  setting COMMON; CMD+=(${SETTING[@]+"${SETTING[@]}"})
+  setting "$key"; CMD+=(${SETTING[@]+"${SETTING[@]}"})
+  CMD+=(${PASS[@]+"${PASS[@]}"})
+  if [ -n "$parents" ]; then
+    CMD+=(--init-from)
+    for p in $parents; do CMD+=("$OUT/$p/best"); done
+  fi
+}
+
+if [ -n "$DRY" ]; then   # what each stage would run now, in order (a stage with checkpoints gets --resume)
+  for line in "${STAGES[@]}"; do
+    read -r key script parents <<< "$line"
+    stage_command "$key" "$script" "${parents:-}"
+    echo "$key: ${CMD[*]}"
+  done
+  exit 0
+fi
+
 mkdir -p "$OUT"
 LOG="$OUT/curriculum.log"
 say() { echo "$(date '+%F %T') curriculum $*" | tee -a "$LOG"; }
@@ -165,23 +217,6 @@ start_logged() {
     $SETSID "$@" > >(trap '' INT TERM HUP; exec tee -a "$LOG") 2>&1 &
   else
     $SETSID "$@" >> "$LOG" 2>&1 &
-  fi
-}
-
-setting() { local name="${MODE}_$1[@]"; SETTING=(${!name+"${!name}"}); }
-
-# The command of one stage: its script, its folder, --resume if it has a checkpoint, its flags, --init-from.
-stage_command() {
-  local key=$1 script=$2 parents=$3 dir="$OUT/$1"
-  CMD=("$PYTHON" "$script" --run-dir "$dir")
-  if compgen -G "$dir/*.pt" > /dev/null; then CMD+=(--resume); fi
-  local all="ALL_$key[@]"; CMD+=(${!all+"${!all}"})
-  setting COMMON; CMD+=(${SETTING[@]+"${SETTING[@]}"})
-  setting "$key"; CMD+=(${SETTING[@]+"${SETTING[@]}"})
-  CMD+=(${PASS[@]+"${PASS[@]}"})
-  if [ -n "$parents" ]; then
-    CMD+=(--init-from)
-    for p in $parents; do CMD+=("$OUT/$p/best"); done
   fi
 }
 

@@ -166,3 +166,61 @@ def test_eval_says_clearly_what_is_wrong_with_a_checkpoint(tmp_path):
     assert junk.returncode == 2 and "junk.pt" in junk.stderr and "Traceback" not in junk.stderr
     empty = run_script("eval.py", tmp_path, "--out", tmp_path / "r", check=False)       # a folder with no checkpoint
     assert empty.returncode == 2 and "no valid checkpoint" in empty.stderr
+
+
+class _Parsed(Exception):
+    """Raised by a stage's parse_args once it has accepted the command line (so the stage never runs)."""
+
+
+def stage_args(script, argv, monkeypatch):
+    """The namespace `script`'s main() builds from argv, without running the stage; a flag it does not know
+    fails the test as argparse's error."""
+    import argparse
+    import importlib
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        raise _Parsed(parse(parser, args, namespace))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    module = importlib.import_module(script.removesuffix(".py"))
+    try:
+        module.main(argv)
+    except _Parsed as parsed:
+        return parsed.args[0]
+    raise AssertionError(f"{script} never parsed its arguments")
+
+
+def dry_run(out, *args):
+    result = subprocess.run(["bash", os.path.join(ROOT, "curriculum.sh"), "--dry-run", "--out-dir", str(out), *args],
+                            cwd=ROOT, capture_output=True, text=True, env={**script_env(), "PYTHON": "python"})
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_dry_run_prints_every_stage_and_every_mode_has_flags_its_stage_accepts(tmp_path, monkeypatch):
+    out = tmp_path / "long"
+    for mode in ("", "--quick", "--long"):
+        code, printed, err = dry_run(out, *filter(None, [mode]), "--img-size", "144", "--patch", "18")
+        assert code == 0, err
+        lines = printed.splitlines()
+        assert [line.split(":")[0] for line in lines] == list(STAGES)
+        for line in lines:
+            key, command = line.split(": ", 1)
+            python, script, *argv = command.split()
+            args = stage_args(script, argv, monkeypatch)
+            assert args.run_dir == str(out / key)
+            assert (args.img_size, args.patch) == (144, 18), line       # the pass-through flags come last: they win
+            if mode == "--long":                 # no minute caps, and every part of the agent trains
+                assert not args.time_limit, line
+                assert not (key in ("imitation", "grpo") and args.freeze), line
+        if mode == "--long":
+            imitation = stage_args("rl_fake_traces.py", lines[STAGES.index("imitation")].split()[3:], monkeypatch)
+            assert imitation.steps == 1500 and imitation.init_from == [str(out / p / "best") for p in ("text", "qa", "turn")]
+    assert not out.exists(), "a dry run made the folder"
+
+    (out / "qa").mkdir(parents=True)                         # a stage with a checkpoint would resume
+    (out / "qa" / "tutorial_qa_20261127T000000000Z_batch00000300.pt").write_bytes(b"")
+    code, printed, _ = dry_run(out, "--long")
+    assert code == 0 and [line.split(":")[0] for line in printed.splitlines() if "--resume" in line] == ["qa"]
+
+    code, printed, err = dry_run(out, "--long", "--preset", "base")
+    assert code == 2 and printed == "" and "--long" in err and "--preset base" in err and "Traceback" not in err
