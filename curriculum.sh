@@ -7,9 +7,10 @@
 #   nohup bash curriculum.sh --long &                    # tiny brain, the long chain behind the README's best agent
 #   nohup bash curriculum.sh --preset base --gpu 0 &     # the real run; then: tail -f runs/curriculum/curriculum.log
 #
-# Options: --quick, --long (the tiny brain with the stage lengths of the README's best CPU agent, no minute caps:
-# hours), --dry-run (print each stage's command and stop), --out-dir DIR (default runs/curriculum), --jobs N (default 2: stages that do not start from
-# each other, image and text pretraining, run side by side; 1: one at a time), --help. Every other flag goes
+# Options: --quick, --long (the tiny brain with the stage lengths of the README's best CPU agent, no minute
+# caps: hours), --dry-run (print each stage's command and stop), --out-dir DIR (default runs/curriculum),
+# --jobs N (default 2: stages that do not start from each other, image and text pretraining, run side by
+# side; 1: one at a time), --help. Every other flag goes
 # to every stage (e.g. --preset base, --gpu 0, --device cuda, --seed 1, --amp bf16, --compile); --gpu and
 # --device also go to eval.py. Running it again after a kill or a crash continues: a stage whose folder holds
 # finished.json is skipped, an interrupted one resumes from its newest checkpoint (--resume), and the report
