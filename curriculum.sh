@@ -140,7 +140,7 @@ while [ $# -gt 0 ]; do
     --out-dir=*) OUT=${1#*=}; shift ;;
     --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
     --jobs=*) JOBS=${1#*=}; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;   # the header
     --preset) PASS+=("$1" "${2:?--preset needs a name}"); [ "$2" = tiny ] || PRESET=$2; shift 2 ;;
     --gpu|--device) PASS+=("$1" "${2:?$1 needs a value}"); EVAL_PASS+=("$1" "$2"); shift 2 ;;
     *) PASS+=("$1"); shift ;;

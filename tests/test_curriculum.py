@@ -222,5 +222,9 @@ def test_dry_run_prints_every_stage_and_every_mode_has_flags_its_stage_accepts(t
     code, printed, _ = dry_run(out, "--long")
     assert code == 0 and [line.split(":")[0] for line in printed.splitlines() if "--resume" in line] == ["qa"]
 
+    shown = subprocess.run(["bash", os.path.join(ROOT, "curriculum.sh"), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and all(flag in shown.stdout for flag in ("--quick", "--long", "--dry-run", "--jobs"))
+    assert shown.stdout.rstrip().endswith("is rewritten.") and "set -e" not in shown.stdout     # the whole header
+
     code, printed, err = dry_run(out, "--long", "--preset", "base")
     assert code == 2 and printed == "" and "--long" in err and "--preset base" in err and "Traceback" not in err
