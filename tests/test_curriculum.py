@@ -1,6 +1,8 @@
 """The whole curriculum as a user runs it (curriculum.sh --quick, killed and run again), and eval.py on
 checkpoints that lack skills, side by side, and on files that are not checkpoints."""
+import argparse
 import dataclasses
+import importlib
 import os
 import pty
 import re
@@ -175,8 +177,6 @@ class _Parsed(Exception):
 def stage_args(script, argv, monkeypatch):
     """The namespace `script`'s main() builds from argv, without running the stage; a flag it does not know
     fails the test as argparse's error."""
-    import argparse
-    import importlib
     parse = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser, args=None, namespace=None):
