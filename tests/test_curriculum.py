@@ -190,10 +190,15 @@ def stage_args(script, argv, monkeypatch):
     raise AssertionError(f"{script} never parsed its arguments")
 
 
-def dry_run(out, *args):
-    result = subprocess.run(["bash", os.path.join(ROOT, "curriculum.sh"), "--dry-run", "--out-dir", str(out), *args],
+def curriculum_sh(*args):
+    """Run curriculum.sh to its end with these arguments: (exit code, stdout, stderr)."""
+    result = subprocess.run(["bash", os.path.join(ROOT, "curriculum.sh"), *args],
                             cwd=ROOT, capture_output=True, text=True, env={**script_env(), "PYTHON": "python"})
     return result.returncode, result.stdout, result.stderr
+
+
+def dry_run(out, *args):
+    return curriculum_sh("--dry-run", "--out-dir", str(out), *args)
 
 
 def test_dry_run_prints_every_stage_and_every_mode_has_flags_its_stage_accepts(tmp_path, monkeypatch):
@@ -203,17 +208,18 @@ def test_dry_run_prints_every_stage_and_every_mode_has_flags_its_stage_accepts(t
         assert code == 0, err
         lines = printed.splitlines()
         assert [line.split(":")[0] for line in lines] == list(STAGES)
+        parsed = {}
         for line in lines:
             key, command = line.split(": ", 1)
             python, script, *argv = command.split()
-            args = stage_args(script, argv, monkeypatch)
+            args = parsed[key] = stage_args(script, argv, monkeypatch)
             assert args.run_dir == str(out / key)
             assert (args.img_size, args.patch) == (144, 18), line       # the pass-through flags come last: they win
             if mode == "--long":                 # no minute caps, and every part of the agent trains
                 assert not args.time_limit, line
                 assert not (key in ("imitation", "grpo") and args.freeze), line
         if mode == "--long":
-            imitation = stage_args("rl_fake_traces.py", lines[STAGES.index("imitation")].split()[3:], monkeypatch)
+            imitation = parsed["imitation"]
             assert imitation.steps == 1500 and imitation.init_from == [str(out / p / "best") for p in ("text", "qa", "turn")]
     assert not out.exists(), "a dry run made the folder"
 
@@ -222,9 +228,9 @@ def test_dry_run_prints_every_stage_and_every_mode_has_flags_its_stage_accepts(t
     code, printed, _ = dry_run(out, "--long")
     assert code == 0 and [line.split(":")[0] for line in printed.splitlines() if "--resume" in line] == ["qa"]
 
-    shown = subprocess.run(["bash", os.path.join(ROOT, "curriculum.sh"), "--help"], capture_output=True, text=True)
-    assert shown.returncode == 0 and all(flag in shown.stdout for flag in ("--quick", "--long", "--dry-run", "--jobs"))
-    assert shown.stdout.rstrip().endswith("is rewritten.") and "set -e" not in shown.stdout     # the whole header
+    code, shown, _ = curriculum_sh("--help")
+    assert code == 0 and all(flag in shown for flag in ("--quick", "--long", "--dry-run", "--jobs"))
+    assert shown.rstrip().endswith("is rewritten.") and "set -e" not in shown     # the whole header
 
     code, printed, err = dry_run(out, "--long", "--preset", "base")
     assert code == 2 and printed == "" and "--long" in err and "--preset base" in err and "Traceback" not in err
