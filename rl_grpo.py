@@ -5,7 +5,11 @@ gamma^(steps-1) if it reaches the gold within the action limit, else 0: a discou
 so a success always beats a failure, shorter is better, and there is no cost scale to tune against the gold.
 Advantage = (return - group mean) / (group std + eps): a group whose members all did the same carries no
 signal (advantage 0). The update is PPO's clipped ratio over every action token, an optional KL penalty to a
-frozen reference (the --init-from weights, e.g. the imitation checkpoint) and an entropy bonus. The gold's
+frozen reference (the --init-from weights, e.g. the imitation checkpoint) and an entropy bonus. Each episode's
+actions are averaged, then the episodes, as in GRPO; `--scale-rewards none --length-norm limit` is Dr. GRPO
+(Liu et al. 2025) instead: no division by the group's std (which turns a one-step difference in length between
+successes into a full unit of advantage) and actions summed over a constant (the action limit), so that a long
+failed episode is not pushed less per action than a short one. The gold's
 distance grows with success (the original's "letting the radius grow"), and oracle guide traces can join
 each group, as the original's oracle buffer did.
 
@@ -21,10 +25,21 @@ import core
 import game
 
 
-def group_advantages(returns, group_size, eps=1e-4):
-    """(return - group mean) / (group std + eps), groups being consecutive runs of group_size episodes."""
+def group_advantages(returns, group_size, eps=1e-4, scale=True):
+    """(return - group mean) / (group std + eps), groups being consecutive runs of group_size episodes;
+    without `scale`, return - group mean (Dr. GRPO)."""
     r = returns.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def action_weights(lengths, episode, norm):
+    """Each action's weight in the loss, given its episode's index and the episodes' lengths: "episode" averages
+    each episode's actions, then the episodes (GRPO); "limit" sums them over the action limit (Dr. GRPO)."""
+    per_episode = lengths if norm == "episode" else torch.full_like(lengths, game.MAX_ACTIONS)
+    return 1.0 / (per_episode[episode] * len(lengths))
 
 
 def episode_returns(rollout, gamma):
@@ -44,6 +59,10 @@ def main(argv=None):
     g.add_argument("--gamma", type=float, default=0.97, help="return = gamma^(steps-1) on reaching the gold")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--guides", type=int, default=0, help="oracle traces added to each group (0: none)")
+    g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
+                   help="divide each group's advantages by its std (GRPO) or not (Dr. GRPO)")
+    g.add_argument("--length-norm", choices=["episode", "limit"], default="episode",
+                   help="average each episode's actions (GRPO) or sum them over the action limit (Dr. GRPO)")
     g.add_argument("--minibatch", type=int, default=1024, help="actions per forward pass (memory bound)")
     c = parser.add_argument_group("curriculum on the gold's distance")
     c.add_argument("--offset-start", type=float, default=0.1, help="max_agent_offset of the first rounds")
@@ -88,7 +107,7 @@ def main(argv=None):
                              torch.arange(args.batch_size, device=device).repeat_interleave(args.guides)])
         order = torch.argsort(members, stable=True)          # episodes grouped by start scene
         advantages = torch.empty_like(returns)
-        advantages[order] = group_advantages(returns[order], G + args.guides)
+        advantages[order] = group_advantages(returns[order], G + args.guides, scale=args.scale_rewards == "group")
         zero_spread = (returns[order].view(-1, G + args.guides).std(1) == 0).float().mean().item()
 
         # the buffer: every action taken, with its state (re-rendered when scored), trace and old log-prob
@@ -108,7 +127,7 @@ def main(argv=None):
             first += len(p.success)
         text, steps, old, episode = (torch.cat(x) for x in (text, steps, old, episode))
         lengths = torch.cat([p.steps for p in parts]).float()
-        weight = 1.0 / (lengths[episode] * len(lengths))     # mean over each episode's actions, then episodes
+        weight = action_weights(lengths, episode, args.length_norm)
         adv = advantages[episode]
         ref_logp = None
         if ref is not None:

@@ -73,6 +73,16 @@ def test_group_advantage_is_zero_without_spread_and_normalised_with_it():
     adv = rl_grpo.group_advantages(returns, 4)
     assert torch.equal(adv[:8], torch.zeros(8))
     assert adv[8] > 0 > adv[9] and abs(adv[8:].mean()) < 1e-6 and abs(adv[8:].std(unbiased=False) - 1) < 1e-3
+    unscaled = rl_grpo.group_advantages(returns, 4, scale=False)                    # Dr. GRPO: return - group mean
+    assert torch.allclose(unscaled, torch.tensor([0.0] * 8 + [0.5, -0.5, 0.0, 0.0]))
+
+
+def test_grpo_averages_each_episode_s_actions_or_sums_them_over_the_action_limit():
+    lengths, episode = torch.tensor([2.0, 4.0]), torch.tensor([0, 0, 1, 1, 1, 1])
+    per_episode = lambda w: [w[episode == e].sum().item() for e in (0, 1)]
+    assert per_episode(rl_grpo.action_weights(lengths, episode, "episode")) == [0.5, 0.5]
+    w = rl_grpo.action_weights(lengths, episode, "limit")
+    assert torch.allclose(w, torch.full((6,), 1 / (2 * game.MAX_ACTIONS)))        # every action alike
 
 
 def test_returns_prefer_shorter_paths_and_only_success():
@@ -120,7 +130,8 @@ def test_the_agent_stages_name_bad_offsets_and_shares_before_starting(stage, ext
 
 def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
     run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 3))
-    run_script("rl_grpo.py", *rl_args(tmp_path / "grpo", 3, "--group-size", 2, "--init-from", tmp_path / "imitation"))
+    run_script("rl_grpo.py", *rl_args(tmp_path / "grpo", 3, "--group-size", 2, "--init-from", tmp_path / "imitation",
+                                       "--scale-rewards", "none", "--length-norm", "limit"))
     rounds = [json.loads(l) for l in open(tmp_path / "grpo" / "metrics.jsonl") if '"train"' in l]
     for key in ("success", "return", "episode_len", "entropy", "approx_kl", "clip_frac", "kl_ref", "zero_spread",
                 "offset", "round_s", "rss_mb"):
