@@ -4,6 +4,11 @@ import signal
 import subprocess
 import sys
 
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `pytest -n 2`: two workers share the two cores, one torch thread each
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A brain small enough for CI: every stage test overrides the tiny preset's sizes with these.
 SMALL_ARGS = ["--img-size", "32", "--patch", "8", "--width", "32", "--img-heads", "2", "--text-heads", "2",
