@@ -9,6 +9,14 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # `pytest -n 2`: two workers share the two cores, one torch thread each
 
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow (the longest) first, so that under `-n 2` the two workers finish together
+    instead of one running the longest test alone at the end; `-m "not slow"` leaves them out."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A brain small enough for CI: every stage test overrides the tiny preset's sizes with these.
 SMALL_ARGS = ["--img-size", "32", "--patch", "8", "--width", "32", "--img-heads", "2", "--text-heads", "2",

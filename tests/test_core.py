@@ -354,6 +354,7 @@ def test_non_finite_losses_are_skipped_then_rolled_back(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_clear_errors_not_tracebacks(tmp_path):
     bad = run_toy(tmp_path, "--gpu", "3", check=False)
     assert bad.returncode == 2 and "--gpu 3: there is no such GPU" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 
 import core
@@ -78,6 +79,7 @@ def _drain(fd):
         pass
 
 
+@pytest.mark.slow
 def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_reports_it(tmp_path):
     out = tmp_path / "curriculum"
     # `kill` (SIGTERM) while image and text pretraining run side by side: both save a checkpoint and stop

@@ -32,6 +32,7 @@ def weights(run_dir):
     return core.load_checkpoint(core.resolve_checkpoint(str(run_dir)))["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain_image.py", "pretrain_text.py"])
 def test_a_few_steps_write_checkpoints_named_by_batch_and_a_killed_run_resumes_exactly(stage, tmp_path, corpus):
     extra = ["--corpus", corpus] if stage == "pretrain_text.py" else []

@@ -103,6 +103,7 @@ def rl_args(run_dir, steps, *extra):
             "--save-every", 3, "--eval-every", 6, "--eval-scenes", 4, "--eval-offsets", 0.1, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,extra", [("rl_fake_traces.py", ["--facing-share", 0.5]),
                                          ("rl_grpo.py", ["--group-size", 3, "--guides", 1])])
 def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, tmp_path):
@@ -138,6 +139,7 @@ def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
         assert key in rounds[0], key
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_across_rounds(tmp_path):
     run_script("rl_grpo.py", *rl_args(tmp_path, 80, "--group-size", 2, "--save-every", 0, "--eval-every", 0))
     rss = [json.loads(l)["rss_mb"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
