@@ -9,9 +9,9 @@ frozen reference (the --init-from weights, e.g. the imitation checkpoint) and an
 actions are averaged, then the episodes, as in GRPO; `--scale-rewards none --length-norm limit` is Dr. GRPO
 (Liu et al. 2025) instead: no division by the group's std (which turns a one-step difference in length between
 successes into a full unit of advantage) and actions summed over a constant (the action limit), so that a long
-failed episode is not pushed less per action than a short one. The gold's
-distance grows with success (the original's "letting the radius grow"), and oracle guide traces can join
-each group, as the original's oracle buffer did.
+failed episode is not pushed less per action than a short one. The gold's distance grows with success (the
+original's "letting the radius grow"), and oracle guide traces can join each group, as the original's oracle
+buffer did.
 
     python rl_grpo.py --init-from runs/imitation/rl_fake_traces_best.pt
     nohup python rl_grpo.py --preset base --gpu 0 --init-from runs/imitation/rl_fake_traces_best.pt &

@@ -10,7 +10,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # `pytest -n 2`: two workers share the two cores, one torch thread each
 
 
-
 def pytest_collection_modifyitems(items):
     """The tests marked slow (the longest) first, so that under `-n 2` the two workers finish together
     instead of one running the longest test alone at the end; `-m "not slow"` leaves them out."""
