@@ -2071,6 +2071,9 @@ QA_FAMILIES = {
         answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),
                  "far": dict(train=["Far.", "It's far.", "The gold is far away."], heldout=["Rather distant."])}),
 }
+# every answer phrasing, lower-cased, -> its family (no phrasing belongs to two families: tested)
+_ANSWER_FAMILY = {" ".join(a.lower().split()): family for family, fam in QA_FAMILIES.items()
+                  for said in fam["answers"].values() for a in said["train"] + said["heldout"]}
 
 
 def qa_label(family, settings):
@@ -2183,6 +2186,30 @@ def qa_forced_accuracy(brain, tokenizer, scenes, chunk=128):
 
 def accuracy_by_family(answers):
     return {family: sum(r["correct"] for r in records) / len(records) for family, records in answers.items()}
+
+
+def accuracy_by_phrasing(answers):
+    """{family: {question: share of its scenes answered right}}: one held-back phrasing can fail alone."""
+    out = {}
+    for family, records in answers.items():
+        asked = {}
+        for r in records:
+            asked.setdefault(r["question"], []).append(r["correct"])
+        out[family] = {question: sum(right) / len(right) for question, right in asked.items()}
+    return out
+
+
+def answered_as(text):
+    """The family one of whose answer phrasings the text is, word for word (case and spacing aside), or None."""
+    return _ANSWER_FAMILY.get(" ".join(text.lower().split()))
+
+
+def other_family_share(answers):
+    """{family: share of its answers that are another family's answer phrasing}: the brain took the question
+    for another family's ("Is the agent above the gold or below the gold?" answered "Above.", the gold's
+    words, so about the gold's place, which is the opposite label)."""
+    return {family: sum(answered_as(r["answer"]) not in (None, family) for r in records) / len(records)
+            for family, records in answers.items()}
 
 
 def qa_accuracy(brain, tokenizer, scenes, phrasings="heldout"):

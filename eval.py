@@ -14,7 +14,8 @@ as "not trained", not measured), on held-out seeds fixed in core.py and shared w
   line   line IoU with the held-back prompts, beside drawing nothing and drawing the mean line, and with the
          training prompts (a later stage can keep the trick for the prompts it replays only); angle and
          length errors; lines drawn when nobody asked (plain reconstruction)
-  qa     accuracy per question family with the held-back phrasings, beside chance
+  qa     accuracy per question family with the held-back phrasings, beside chance; per phrasing; the share
+         of answers given in another family's words (the question taken for another family's)
   agent  success within 31 actions and actions to the gold at several offsets, greedy and sampled, beside
          the oracle and a random policy played on the same scenes in the same run
 
@@ -124,7 +125,11 @@ def qa_figures(c, sizes, prefix):
             ("baseline: chance (commonest label), mean", sum(chance.values()) / len(chance), "pct"),
             ("lowest family accuracy", min(accuracy.values()), "pct")]
     forced = core.qa_forced_accuracy(c.brain, c.tokenizer, scenes)
+    phrasing, other = core.accuracy_by_phrasing(answers), core.other_family_share(answers)
     return rows + [(f"accuracy: {family}", accuracy[family], "pct") for family in scenes] + \
+        [(f"accuracy: {family}, \"{question}\"", acc, "pct") for family in scenes
+         for question, acc in phrasing[family].items()] + \
+        [(f"answered in another family's words: {family}", other[family], "pct") for family in scenes] + \
         [(f"label's answer likelier, first phrasings: {family}", forced[family], "pct") for family in scenes], None
 
 

@@ -120,6 +120,9 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     final = {skill: [cells[-1] for (s, _), cells in rows.items() if s == skill] for skill in SKILLS}
     for skill in SKILLS:                          # the final brain was trained for every skill, and measured
         assert final[skill] and "not trained" not in final[skill], (skill, final[skill])
+    phrasings = core.QA_FAMILIES["agent_above_below"]["questions"]["heldout"]      # QA by phrasing, too
+    assert all(("qa", f'accuracy: agent_above_below, "{q}"') in rows for q in phrasings)
+    assert ("qa", "answered in another family's words: turn") in rows
     first_column = {s: cells[0] for (s, _), cells in rows.items()}
     assert first_column["image"] != "not trained" and first_column["text"] == "not trained"    # image pretraining
     for name in ("reconstructions", "lines", "qa", "trajectories", "curves"):

@@ -67,6 +67,20 @@ def test_every_phrasing_parses_to_its_label_and_nothing_else_does():
     assert core.parse_answer("near", "Not near.") is None and core.parse_answer("turn", "Don't turn left.") is None
 
 
+def test_accuracy_is_split_by_phrasing_and_answers_in_another_familys_words_are_counted():
+    ask, tell = core.QA_FAMILIES["agent_above_below"]["questions"]["heldout"], "agent_above_below"
+    records = [dict(question=ask[0], answer="Above.", label="below", parsed="above", correct=False),
+               dict(question=ask[0], answer="I am above.", label="above", parsed="above", correct=True),
+               dict(question=ask[1], answer=" i AM  below. ", label="below", parsed="below", correct=True),
+               dict(question=ask[1], answer="Near.", label="above", parsed=None, correct=False),
+               dict(question=ask[1], answer="Above, I think.", label="above", parsed="above", correct=True)]
+    assert core.accuracy_by_phrasing({tell: records}) == {tell: {ask[0]: 0.5, ask[1]: 2 / 3}}
+    assert core.accuracy_by_family({tell: records}) == {tell: 0.6}
+    assert [core.answered_as(r["answer"]) for r in records] == [
+        "gold_above_below", tell, tell, "near", None]                 # its own words, others', no phrasing
+    assert core.other_family_share({tell: records}) == {tell: 0.4}
+
+
 def test_phrasings_belong_to_one_family_and_held_back_questions_are_new():
     seen = {}
     for family, fam in core.QA_FAMILIES.items():
