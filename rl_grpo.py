@@ -177,7 +177,7 @@ def main(argv=None):
             offset = min(args.offset_max, round(offset + args.offset_step, 6))
             recent.clear()
             run.log(f"success {success:.2f}: max_agent_offset grows to {offset}")
-        run.cursor = {"offset": offset, "recent": list(recent)}
+        run.cursor.update(offset=offset, recent=list(recent))      # beside what keeping_setup keeps there
         n = len(steps)
         run.log_step({"success": success, "return": returns[: len(played.success)].mean().item(),
                       "episode_len": played.steps.float().mean().item(), "entropy": stats["entropy"] / n,
