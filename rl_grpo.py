@@ -11,7 +11,9 @@ actions are averaged, then the episodes, as in GRPO; `--scale-rewards none --len
 successes into a full unit of advantage) and actions summed over a constant (the action limit), so that a long
 failed episode is not pushed less per action than a short one. The gold's distance grows with success (the
 original's "letting the radius grow"), and oracle guide traces can join each group, as the original's oracle
-buffer did.
+buffer did. With --hard-share, part of each round's groups replay earlier start scenes that some plays solved
+and others did not (a buffer of scenes, never frames): a simple prioritized level replay (Jiang et al. 2021),
+so that the few scenes the policy still fails are played again instead of once.
 
     python rl_grpo.py --init-from runs/imitation/rl_fake_traces_best.pt
     nohup python rl_grpo.py --preset base --gpu 0 --init-from runs/imitation/rl_fake_traces_best.pt &
@@ -19,6 +21,7 @@ buffer did.
 import collections
 import time
 
+import numpy as np
 import torch
 
 import core
@@ -42,6 +45,27 @@ def action_weights(lengths, episode, norm):
     return 1.0 / (per_episode[episode] * len(lengths))
 
 
+def draw_scenes(rng, n, offset, hard, share):
+    """A round's n start scenes: floor(share * n) of them (at most the buffer's size) replayed from the
+    hard-scene buffer [[settings json, success rate p], ...], chosen without replacement in proportion to
+    p(1 - p), their "learnability"; the rest fresh. Returns (scenes, the buffer indices replayed)."""
+    k = min(int(share * n), len(hard))
+    picked = []
+    if k:
+        w = np.array([p * (1 - p) for _, p in hard])
+        picked = sorted(rng.choice(len(hard), size=k, replace=False, p=w / w.sum()).tolist())
+    fresh = [game.random_bare_settings(rng, max_agent_offset=offset) for _ in range(n - k)]
+    return [game.Settings.from_json(hard[i][0]) for i in picked] + fresh, picked
+
+
+def update_hard(hard, scenes, rates, picked, capacity):
+    """The buffer after a round: the replayed scenes leave it, and every scene whose group both reached the gold
+    and missed it (0 < p < 1: GRPO's signal) joins at the end with its new rate; beyond capacity the oldest go."""
+    out = [h for i, h in enumerate(hard) if i not in set(picked)]
+    out += [[s.to_json(), p] for s, p in zip(scenes, rates) if 0 < p < 1]
+    return out[len(out) - capacity:] if len(out) > capacity else out
+
+
 def episode_returns(rollout, gamma):
     return rollout.success.float() * gamma ** (rollout.steps.float() - 1).clamp(min=0)
 
@@ -63,6 +87,12 @@ def main(argv=None):
                    help="divide each group's advantages by its std (GRPO) or not (Dr. GRPO)")
     g.add_argument("--length-norm", choices=["episode", "limit"], default="episode",
                    help="average each episode's actions (GRPO) or sum them over the action limit (Dr. GRPO)")
+    g.add_argument("--hard-share", type=float, default=0.0,
+                   help="share of each round's groups that replay earlier start scenes some plays solved and others "
+                        "did not (0: every scene fresh)")
+    g.add_argument("--hard-buffer", type=int, default=256,
+                   help="scenes the hard-scene buffer keeps, the newest (under torchrun: each process its own, and "
+                        "a resumed run gives every process the first's)")
     g.add_argument("--minibatch", type=int, default=1024, help="actions per forward pass (memory bound)")
     c = parser.add_argument_group("curriculum on the gold's distance")
     c.add_argument("--offset-start", type=float, default=0.1, help="max_agent_offset of the first rounds")
@@ -74,6 +104,9 @@ def main(argv=None):
     c.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="held-out offsets")
     core.add_forgetting_args(parser, qa_replay=True)
     args = parser.parse_args(argv)
+    if not 0 <= args.hard_share < 1 or args.hard_buffer < 1:
+        parser.error(f"--hard-share must be in [0, 1) (fresh scenes keep coming) and --hard-buffer at least 1 "
+                     f"(got {args.hard_share} and {args.hard_buffer})")
     if min(args.offset_start, args.offset_max, *args.eval_offsets) < game.MIN_BARE_OFFSET:
         parser.error(f"--offset-start, --offset-max and --eval-offsets must be at least {game.MIN_BARE_OFFSET} "
                      f"(closer, the gold has hardly room beside the agent)")
@@ -89,13 +122,14 @@ def main(argv=None):
         ref.requires_grad_(False).to(device)
     offset = run.cursor.get("offset", args.offset_start)
     recent = collections.deque(run.cursor.get("recent", []), maxlen=args.grow_window)
+    hard = run.cursor.get("hard", [])
     target = f"greedy_success@{args.offset_max}"
     eval_offsets = sorted(set(args.eval_offsets) | {args.offset_max})
 
     for batch in run.batches():
         t0, rng = time.time(), run.rng()
         # rollouts: G plays of each start scene, plus oracle guides, one group after another
-        scenes = [game.random_bare_settings(rng, max_agent_offset=offset) for _ in range(args.batch_size)]
+        scenes, picked = draw_scenes(rng, args.batch_size, offset, hard, args.hard_share)
         played = core.rollout([s for s in scenes for _ in range(G)], "sample", size, device, brain=brain,
                               temperature=args.temperature, generator=run.torch_generator())
         rollout_s = time.time() - t0
@@ -170,19 +204,25 @@ def main(argv=None):
                     stats[name] += value.item()
             run.step(torch.tensor(total), accumulated=True, advance=epoch == args.epochs - 1)
 
-        # the curriculum: grow the gold's distance once the policy succeeds often enough
-        success = played.success.float().mean().item()
+        # the hard scenes to play again; the curriculum: grow the gold's distance once the policy succeeds often
+        # enough on fresh scenes (replayed ones are chosen for failing: their success is logged apart)
+        rates = played.success.view(args.batch_size, G).float().mean(1).tolist()
+        if args.hard_share:
+            hard = update_hard(hard, scenes, rates, picked, args.hard_buffer)
+        success = sum(rates[len(picked):]) / (args.batch_size - len(picked))
         recent.append(success)
         if len(recent) == args.grow_window and sum(recent) / len(recent) >= args.grow_at and offset < args.offset_max:
             offset = min(args.offset_max, round(offset + args.offset_step, 6))
             recent.clear()
             run.log(f"success {success:.2f}: max_agent_offset grows to {offset}")
-        run.cursor.update(offset=offset, recent=list(recent))      # beside what keeping_setup keeps there
+        run.cursor.update(offset=offset, recent=list(recent), hard=hard)      # beside what keeping_setup keeps there
         n = len(steps)
         run.log_step({"success": success, "return": returns[: len(played.success)].mean().item(),
                       "episode_len": played.steps.float().mean().item(), "entropy": stats["entropy"] / n,
                       "approx_kl": stats["approx_kl"] / n, "clip_frac": stats["clip_frac"] / n,
                       "kl_ref": stats["kl_ref"], "zero_spread": zero_spread, "offset": offset,
+                      "replayed": len(picked), "replayed_success": sum(rates[:len(picked)]) / max(1, len(picked)),
+                      "hard_buffer": len(hard),
                       **{name: stats[name] / args.epochs for name in ("plain", "text", "qa", "line")},
                       "round_s": time.time() - t0, "rollout_steps_per_s": played.steps.sum().item() / rollout_s,
                       "rss_mb": core.rss_mb()}, samples=len(played.success))

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,20 @@ def test_grpo_averages_each_episode_s_actions_or_sums_them_over_the_action_limit
     assert torch.allclose(w, torch.full((6,), 1 / (2 * game.MAX_ACTIONS)))        # every action alike
 
 
+def test_hard_scenes_are_those_some_plays_solved_and_replayed_by_learnability():
+    rng = np.random.default_rng(0)
+    scenes = [game.random_bare_settings(rng) for _ in range(5)]
+    hard = rl_grpo.update_hard([], scenes, [0.0, 0.25, 1.0, 0.5, 0.875], [], capacity=2)
+    assert hard == [[scenes[3].to_json(), 0.5], [scenes[4].to_json(), 0.875]]        # 0 < p < 1; the newest two
+    drawn, picked = rl_grpo.draw_scenes(rng, 4, 0.3, hard, share=0.5)
+    assert sorted(picked) == [0, 1] and drawn[:2] == scenes[3:] and len(drawn) == 4   # replayed first, then fresh
+    counts = np.bincount([rl_grpo.draw_scenes(rng, 4, 0.3, hard, 0.25)[1][0] for _ in range(400)], minlength=2)
+    assert abs(counts[0] / 400 - 0.25 / (0.25 + 0.875 * 0.125)) < 0.08               # in proportion to p(1 - p)
+    assert rl_grpo.draw_scenes(rng, 4, 0.3, [], 0.5)[1] == []                       # an empty buffer: all fresh
+    again = rl_grpo.update_hard(hard, [scenes[3], scenes[0]], [1.0, 0.5], [0], capacity=8)
+    assert again == [hard[1], [scenes[0].to_json(), 0.5]]                # replayed and solved by all: it leaves
+
+
 def test_returns_prefer_shorter_paths_and_only_success():
     r = core.Rollout([], torch.zeros(3, 32), torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5),
                      torch.tensor([True, True, False]), torch.tensor([4, 9, 2]))
@@ -106,7 +121,8 @@ def rl_args(run_dir, steps, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,extra,reads", [("rl_fake_traces.py", ["--facing-share", 0.5], False),
-                                               ("rl_grpo.py", ["--group-size", 3, "--guides", 1], True)])
+                                               ("rl_grpo.py", ["--group-size", 3, "--guides", 1, "--hard-share",
+                                                               0.5], True)])
 def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, reads, tmp_path):
     if reads:       # from a brain with a text model: the sentences it replays are made once and must survive resume
         (tmp_path / "pretrained").mkdir()
@@ -122,12 +138,15 @@ def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, reads, tmp_
     b = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "b")))
     assert a["batch"] == b["batch"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if stage == "rl_grpo.py":                                   # the hard-scene buffer came through the kill
+        assert a["cursor"]["hard"] and a["cursor"]["hard"] == b["cursor"]["hard"]
 
 
 @pytest.mark.parametrize("stage,extra,message", [
     ("rl_fake_traces.py", ["--facing-share", 1.5], "--facing-share must be in [0, 1]"),
     ("rl_fake_traces.py", ["--max-agent-offset", 0.05], f"must be at least {game.MIN_BARE_OFFSET}"),
-    ("rl_grpo.py", ["--offset-start", 0.05], f"must be at least {game.MIN_BARE_OFFSET}")])
+    ("rl_grpo.py", ["--offset-start", 0.05], f"must be at least {game.MIN_BARE_OFFSET}"),
+    ("rl_grpo.py", ["--hard-share", 1], "--hard-share must be in [0, 1)")])
 def test_the_agent_stages_name_bad_offsets_and_shares_before_starting(stage, extra, message, tmp_path):
     bad = run_script(stage, *rl_args(tmp_path / "a", 2, *extra), check=False)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
