@@ -61,9 +61,10 @@ def draw_scenes(rng, n, offset, hard, share):
 def update_hard(hard, scenes, rates, picked, capacity):
     """The buffer after a round: the replayed scenes leave it, and every scene whose group both reached the gold
     and missed it (0 < p < 1: GRPO's signal) joins at the end with its new rate; beyond capacity the oldest go."""
-    out = [h for i, h in enumerate(hard) if i not in set(picked)]
+    gone = set(picked)
+    out = [h for i, h in enumerate(hard) if i not in gone]
     out += [[s.to_json(), p] for s, p in zip(scenes, rates) if 0 < p < 1]
-    return out[len(out) - capacity:] if len(out) > capacity else out
+    return out[-capacity:]
 
 
 def episode_returns(rollout, gamma):
