@@ -2071,8 +2071,14 @@ QA_FAMILIES = {
         answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),
                  "far": dict(train=["Far.", "It's far.", "The gold is far away."], heldout=["Rather distant."])}),
 }
-# every answer phrasing, lower-cased, -> its family (no phrasing belongs to two families: tested)
-_ANSWER_FAMILY = {" ".join(a.lower().split()): family for family, fam in QA_FAMILIES.items()
+
+
+def _as_said(text):
+    """Text with case and spacing aside, to compare answers word for word."""
+    return " ".join(text.lower().split())
+
+
+_ANSWER_FAMILY = {_as_said(a): family for family, fam in QA_FAMILIES.items()     # no phrasing is in two families
                   for said in fam["answers"].values() for a in said["train"] + said["heldout"]}
 
 
@@ -2201,7 +2207,7 @@ def accuracy_by_phrasing(answers):
 
 def answered_as(text):
     """The family one of whose answer phrasings the text is, word for word (case and spacing aside), or None."""
-    return _ANSWER_FAMILY.get(" ".join(text.lower().split()))
+    return _ANSWER_FAMILY.get(_as_said(text))
 
 
 def other_family_share(answers):
