@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -1186,8 +1187,24 @@ def batch_rng(seed, rank, batch):
     return np.random.default_rng([0, seed, rank, batch])
 
 
-def _one_thread():
+def _worker_init():
+    """A data worker: one torch thread, and deaf to Ctrl-C, which the terminal sends to the whole process group:
+    the training process saves and stops, and a worker killed in the middle of a batch would leave it waiting."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def add_workers_arg(parser):
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="processes drawing the next batches' scenes while the device trains (-1: 4 on a GPU, "
+                             "0 on a CPU: there the brain's step is the slow part)")
+
+
+def _batch_scenes(batch, draw, keep, seed, rank):
+    """draw(rng) and keeping_scenes(rng, **keep) of one batch, from the batch's scene stream: a function of
+    (seed, rank, batch) alone, apart from run.rng()'s, which the main process draws the rest from."""
+    rng = np.random.default_rng([1, seed, rank, batch])
+    return draw(rng), keeping_scenes(rng, **(keep or {}))
 
 
 class Prefetcher:
@@ -1199,7 +1216,7 @@ class Prefetcher:
         self.pool = None
         if workers > 0:
             import multiprocessing
-            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread)
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
 
     def get(self, batch):
         if self.pool is None:
@@ -1343,6 +1360,16 @@ class Run:
         self.log(f"{self.stop_signal} received: saving a checkpoint after this batch, then stopping")
 
     # -- data helpers
+    def prefetch_scenes(self, draw, keep=None):
+        """A Prefetcher whose get(batch) gives (draw(rng), keeping_scenes(rng, **keep)) for that batch: the Python
+        work of making scenes (a scene is drawn in about a millisecond, and the QA tutorial draws hundreds a
+        batch to balance its rarest fact), done ahead in --workers processes. draw must be picklable (a
+        module's function, or a functools.partial of one); the data never depends on the number of workers."""
+        workers = self.args.workers if self.args.workers >= 0 else (4 if self.device.type == "cuda" else 0)
+        self._prefetchers = getattr(self, "_prefetchers", []) + [Prefetcher(functools.partial(
+            _batch_scenes, draw=draw, keep=keep, seed=self.args.seed, rank=self.rank), workers)]
+        return self._prefetchers[-1]
+
     def rng(self, batch=None):
         """The numpy generator of one training batch: a function of (seed, rank, batch), so resume replays nothing."""
         return batch_rng(self.args.seed, self.rank, self.batch if batch is None else batch)
@@ -1517,6 +1544,8 @@ class Run:
             dist.barrier()
 
     def close(self):
+        for prefetcher in getattr(self, "_prefetchers", []):
+            prefetcher.close()
         if self.world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
@@ -1721,34 +1750,51 @@ def trains(brain, *parts):
     return any(p.requires_grad for part in parts for p in getattr(brain, part).parameters())
 
 
-def keeping_loss(brain, args, replay, rng, qa=None, line=None):
+def keeping_counts(brain, args, replay, qa=None, line=None):
+    """How many scenes of each kind keeping_loss needs a batch (keeping_scenes' arguments): image-pretraining
+    scenes for the plain reconstruction while an image part trains, scenes per family for the QA replay, bare
+    scenes for the line replay while img_dec trains; 0 for a loss not computed."""
+    if replay is None:
+        return {}
+    return dict(plain=args.plain_batch if trains(brain, "img_enc", "img_dec") else 0,
+                qa=args.qa_batch if qa is not None else 0,
+                line=args.line_replay_batch if line is not None and trains(brain, "img_dec") else 0)
+
+
+def keeping_scenes(rng, plain=0, qa=0, line=0):
+    """The scenes of keeping_loss's batch, drawn ahead (Run.prefetch_scenes) or in place: `plain`
+    image-pretraining scenes with their zooms and centres, `qa` balanced scenes of every QA family, `line` bare
+    scenes. Settings only: the frames are rendered on the device."""
+    return dict(plain=game.pretrain_scenes(plain, rng) if plain else None,
+                qa=qa_scenes(qa, rng) if qa else None,
+                line=[game.random_bare_settings(rng) for _ in range(line)])
+
+
+def keeping_loss(brain, args, replay, scenes, rng, qa=None, line=None):
     """The losses that keep earlier skills while a later stage trains the parts they live in: object-weighted
     plain reconstruction of image-pretraining frames (x --plain-weight), only while an image part trains,
     the text model's own loss on sentences it wrote before the stage (x --text-weight), only while a text
     part trains (a frozen part cannot forget, and the forward pass would be wasted), given the tokenizer as qa,
     the QA tutorial's questions (qa_replay_loss, x --qa-weight), and given it as line, the line trick
-    (line_replay_loss, x --line-replay-weight), only while img_dec, the one part it trains, trains. Returns
-    (weighted sum, {"plain", "text", "qa", "line"} losses); a term not computed is 0, and all are 0 when
-    replay is None."""
+    (line_replay_loss, x --line-replay-weight), only while img_dec, the one part it trains, trains. scenes:
+    keeping_scenes(**keeping_counts(...)) of this batch; rng draws the sentences, questions and prompts.
+    Returns (weighted sum, {"plain", "text", "qa", "line"} losses); a term not computed is 0, and all are 0
+    when replay is None."""
     device = next(brain.parameters()).device
     zero = torch.zeros((), device=device)
     if replay is None:                    # nothing to keep (keeping_setup)
         return zero, {"plain": zero, "text": zero, "qa": zero, "line": zero}
-    image_trains = trains(brain, "img_enc", "img_dec")
-    if image_trains:
-        plain = game.pretrain_image_batch(args.plain_batch, brain.cfg.img_size, rng, device)
-    else:                           # the scenes drawn but not rendered: the same random stream either way
-        game.pretrain_scenes(args.plain_batch, rng)
     sentences = replay[torch.from_numpy(rng.integers(len(replay), size=args.text_batch))].to(device)
     plain_loss = zero
-    if image_trains:
+    if scenes["plain"] is not None:
+        settings, zoom, centers = scenes["plain"]
+        plain = game.render(settings, brain.cfg.img_size, device, torch.from_numpy(zoom), torch.from_numpy(centers))
         recon = brain.img_autoencoder(plain)
         plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
     text_trains = trains(brain, "text_enc", "text_dec")
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
-    answered = qa_replay_loss(brain, qa, args.qa_batch, rng) if qa is not None else zero
-    drawn = (line_replay_loss(brain, line, args.line_replay_batch, rng)
-             if line is not None and trains(brain, "img_dec") else zero)
+    answered = qa_replay_loss(brain, qa, scenes["qa"], rng) if qa is not None else zero
+    drawn = line_replay_loss(brain, line, scenes["line"], rng) if scenes["line"] else zero
     total = args.plain_weight * plain_loss + args.text_weight * said
     if qa is not None:
         total = total + args.qa_weight * answered
@@ -1783,8 +1829,8 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     return loss + end_weight * d.sum() / len(want)
 
 
-def line_replay_loss(brain, tokenizer, n, rng):
-    """The line trick's loss on n fresh bare scenes, each asked in a training prompt: replayed by the stages
+def line_replay_loss(brain, tokenizer, scenes, rng):
+    """The line trick's loss on fresh bare scenes, each asked in a training prompt: replayed by the stages
     after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
     QA tutorial, a line in 0% of scenes). It trains img_dec alone, the part the tiny line trick trains:
@@ -1794,23 +1840,22 @@ def line_replay_loss(brain, tokenizer, n, rng):
     each; README, "Strokes"). With strokes, the end loss too (x STROKE_END_WEIGHT): the picture alone did not
     keep the line in img_dec (IoU 0.012 after the QA tutorial; with the ends, 0.219)."""
     device, cfg = next(brain.parameters()).device, brain.cfg
-    scenes = [game.random_bare_settings(rng) for _ in range(n)]
     frames, targets, *bar = game.line_task(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
-    text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=n)], cfg.seq_len).to(device)
+    text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=len(scenes))], cfg.seq_len).to(device)
     recon, ends = brain.draw(text, frames, encoders_learn=False)
     return line_trick_loss(recon, frames, targets, targets, ends=ends, bar=bar)
 
 
-def qa_replay_loss(brain, tokenizer, n, rng):
+def qa_replay_loss(brain, tokenizer, scenes, rng):
     """Answer loss (mean over the answer tokens and </s>) of a training question of every QA family (any of its
-    phrasings) about n fresh scenes balanced for that family, each answered in its label's first training
+    phrasings) about fresh scenes balanced for that family (scenes: qa_scenes(n, ...)), each answered in its label's first training
     phrasing, as most of the QA tutorial's answers are: replayed by the stages after it. Without it the
     brain that learned to walk answered no question (0% in the tiny curriculum of the third session); with
     the first question phrasing only, it kept the teacher-forced answers but its answers to held-back
     phrasings fell from 52.6% to 31.7% (README, "The full tiny run")."""
     device = next(brain.parameters()).device
-    pairs = [(s, family) for family, scenes in qa_scenes(n, rng).items() for s in scenes]
+    pairs = [(s, family) for family, some in scenes.items() for s in some]
     asked = [QA_FAMILIES[f]["questions"]["train"] for _, f in pairs]
     text, _, amask = trim_padding(*tokenizer.encode_qa(
         [q[rng.integers(len(q))] for q in asked],

@@ -42,19 +42,22 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 # 400 throwaway batches, 0.166 at 1e-3 (README, "Strokes"). The agent stages train img_dec, which only the
 # line replay and plain reconstruction reach: with it frozen they cannot replay the line, and the line lost
 # two thirds of its IoU in imitation (0.169 -> 0.058; trained: 0.226, greedy the same; README, "Strokes").
+# The skill stages draw their scenes in one worker process (--workers 1): the second core is idle once the
+# pretraining pair is done, and the line trick ran 1.7x and the QA tutorial 1.4x the samples/s with it (README,
+# "Data workers").
 # what the tiny mode leaves frozen (--quick too, so that CI runs the same init-from paths)
 FROZEN_line=(--freeze img_enc text_enc text_dec)
 FROZEN_agent=(--freeze img_enc)
 TINY_COMMON=()
 TINY_image=(--steps 550 --time-limit 3 --eval-every 275 --save-every 275)
 TINY_text=(--steps 650 --time-limit 4 --eval-every 325 --save-every 325)
-TINY_line=(--steps 400 --time-limit 3 --lr 2e-3 "${FROZEN_line[@]}" --eval-every 200
+TINY_line=(--steps 400 --time-limit 3 --workers 1 --lr 2e-3 "${FROZEN_line[@]}" --eval-every 200
            --save-every 200 --eval-scenes 128)
-TINY_qa=(--steps 300 --time-limit 6 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
+TINY_qa=(--steps 300 --time-limit 6 --workers 1 --batch-size 16 --eval-every 150 --save-every 150 --eval-scenes 50
          --first-phrasings 200)
-TINY_turn=(--steps 600 --time-limit 5 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
+TINY_turn=(--steps 600 --time-limit 5 --workers 1 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300
            --eval-scenes 50)
-TINY_imitation=(--steps 300 --time-limit 7 "${FROZEN_agent[@]}" --eval-every 100 --save-every 100
+TINY_imitation=(--steps 300 --time-limit 7 --workers 1 "${FROZEN_agent[@]}" --eval-every 100 --save-every 100
                 --eval-scenes 32 --eval-offsets 0.1 0.3)
 TINY_grpo=(--steps 8 --time-limit 2.5 "${FROZEN_agent[@]}" --batch-size 8 --eval-every 4 --save-every 4
            --eval-scenes 32 --eval-offsets 0.1 0.3)
@@ -65,10 +68,10 @@ TINY_grpo=(--steps 8 --time-limit 2.5 "${FROZEN_agent[@]}" --batch-size 8 --eval
 LONG_COMMON=()
 LONG_image=(--steps 550 --eval-every 275 --save-every 275)
 LONG_text=(--steps 650 --eval-every 325 --save-every 325)
-LONG_line=(--steps 400 --lr 2e-3 "${FROZEN_line[@]}" --eval-every 200 --save-every 200 --eval-scenes 128)
-LONG_qa=(--steps 600 --batch-size 16 --eval-every 300 --save-every 300 --eval-scenes 50)
-LONG_turn=(--steps 600 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300 --eval-scenes 50)
-LONG_imitation=(--steps 1500 --eval-every 300 --save-every 300 --eval-scenes 64 --eval-offsets 0.1 0.3 0.5)
+LONG_line=(--steps 400 --workers 1 --lr 2e-3 "${FROZEN_line[@]}" --eval-every 200 --save-every 200 --eval-scenes 128)
+LONG_qa=(--steps 600 --workers 1 --batch-size 16 --eval-every 300 --save-every 300 --eval-scenes 50)
+LONG_turn=(--steps 600 --workers 1 --batch-size 32 --first-phrasings 600 --eval-every 300 --save-every 300 --eval-scenes 50)
+LONG_imitation=(--steps 1500 --workers 1 --eval-every 300 --save-every 300 --eval-scenes 64 --eval-offsets 0.1 0.3 0.5)
 LONG_grpo=(--steps 12 --batch-size 8 --offset-start 0.3 --offset-max 0.3 --eval-every 6 --save-every 6
            --eval-scenes 64 --eval-offsets 0.1 0.3 0.5)
 

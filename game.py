@@ -598,12 +598,20 @@ def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000, max_heading_
     lo = np.clip(agents - max_agent_offset, GOLD_RADIUS, 1 - GOLD_RADIUS)
     hi = np.clip(agents + max_agent_offset, GOLD_RADIUS, 1 - GOLD_RADIUS)
     golds = lo + rng.random((max_tries, 2)) * (hi - lo)
-    ok = _free(agents, AGENT_RADIUS, walls) & _free(golds, GOLD_RADIUS, walls)
-    ok &= ((agents - golds) ** 2).sum(-1) >= (AGENT_RADIUS + GOLD_RADIUS) ** 2
-    if not ok.any():
+    w = torch.tensor(walls, dtype=torch.float64).reshape(1, -1, 5).expand(2, -1, -1)
+    radii = torch.tensor([AGENT_RADIUS, GOLD_RADIUS], dtype=torch.float64)
+    for i in range(0, max_tries, 32):     # the first fitting pair; tested 32 at a time, as most pairs fit
+        a, g = agents[i:i + 32], golds[i:i + 32]
+        hits = _circle_hits_walls(torch.from_numpy(np.stack([a, g])), radii, w, torch.ones(w.shape[:2], dtype=torch.bool))
+        ok = ~hits.any(0).numpy() & (((a - g) ** 2).sum(-1) >= (AGENT_RADIUS + GOLD_RADIUS) ** 2)
+        for p, r in ((a, AGENT_RADIUS), (g, GOLD_RADIUS)):            # on the board, as _free tests
+            ok &= (p >= r).all(-1) & (p <= 1 - r).all(-1)
+        if ok.any():
+            i += int(ok.argmax())
+            break
+    else:
         raise ValueError(f"random_bare_settings: could not place the gold within {max_agent_offset} "
                          f"of the agent without touching it in {max_tries} tries")
-    i = int(ok.argmax())
     if max_heading_error is not None:
         toward = math.atan2(golds[i, 1] - agents[i, 1], golds[i, 0] - agents[i, 0])
         heading = (toward + float(rng.uniform(-max_heading_error, max_heading_error))) % (2 * math.pi)

@@ -29,19 +29,13 @@ def evaluate(brain, frames, png, chunk=64):
     return metrics
 
 
-def make_scenes(batch, n, seed, rank):
-    """The scenes, zooms and zoom centres of one batch: Python work, done ahead in --workers processes."""
-    return game.pretrain_scenes(n, core.batch_rng(seed, rank, batch))
-
-
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=3000, batch_size=40, lr=1e-3, eval_every=250, save_every=250)
     parser.add_argument("--eval-frames", type=int, default=256, help="held-out frames in each evaluation")
     parser.add_argument("--object-weight", type=float, default=10.0,
                         help="loss weight of pixels that are not background: the gold and the eye are a few pixels "
                              "of a frame, and a plain MSE learns to blur them away")
-    parser.add_argument("--workers", type=int, default=-1,
-                        help="processes drawing the next batches' scenes while the GPU trains (-1: 4 on a GPU, 0 on a CPU)")
+    core.add_workers_arg(parser)
     args = parser.parse_args(argv)
 
     run = core.Run("pretrain_image", args, trains=["img_enc", "img_dec"])
@@ -49,12 +43,11 @@ def main(argv=None):
     size = run.cfg.img_size
     heldout = game.pretrain_image_batch(args.eval_frames, size, core.heldout_rng(0), run.device)
     png = os.path.join(run.run_dir, "reconstructions.png")
-    workers = args.workers if args.workers >= 0 else (4 if run.device.type == "cuda" else 0)
-    scenes = core.Prefetcher(functools.partial(make_scenes, n=args.batch_size, seed=args.seed, rank=run.rank), workers)
+    data = run.prefetch_scenes(functools.partial(game.pretrain_scenes, args.batch_size))   # scenes, zooms, centres
 
     for batch in run.batches():
         with run.timing("data"):     # scenes drawn ahead on the CPU, frames rendered here on the device
-            settings, zoom, centers = scenes.get(batch)
+            (settings, zoom, centers), _ = data.get(batch)
             frames = game.render(settings, size, run.device, torch.from_numpy(zoom), torch.from_numpy(centers))
         with run.autocast():
             recon = brain.img_autoencoder(frames)
@@ -67,7 +60,6 @@ def main(argv=None):
             run.save(metrics, metric=metrics["mse"])
         elif run.due(args.save_every):
             run.save()
-    scenes.close()
     run.close()
 
 

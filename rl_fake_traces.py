@@ -10,6 +10,7 @@ it, so its imitation loss went to ~0 while the agent learned nothing.
     python rl_fake_traces.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
     nohup python rl_fake_traces.py --preset base --gpu 0 --init-from ... &
 """
+import functools
 import math
 
 import numpy as np
@@ -17,6 +18,15 @@ import torch
 
 import core
 import game
+
+
+def draw_scenes(rng, n, max_agent_offset, facing_share, facing_error):
+    """n bare scenes, the gold up to max_agent_offset from the agent, a share facing_share of them with the agent
+    facing the gold within facing_error degrees."""
+    offsets = rng.uniform(game.MIN_BARE_OFFSET, max_agent_offset, n)
+    facing = (rng.random(n) < facing_share if facing_share else np.zeros(n, dtype=bool))  # share 0: no draw
+    return [game.random_bare_settings(rng, max_agent_offset=o, max_heading_error=math.radians(facing_error) if f else None)
+            for o, f in zip(offsets, facing)]
 
 
 def main(argv=None):
@@ -42,6 +52,7 @@ def main(argv=None):
                              "headings (about a tenth of the oracle's states are within 20 degrees)")
     parser.add_argument("--facing-error", type=float, default=45.0, help="degrees; see --facing-share")
     core.add_forgetting_args(parser, qa_replay=True)
+    core.add_workers_arg(parser)
     parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
@@ -59,16 +70,14 @@ def main(argv=None):
     if seq_len < game.MAX_ACTIONS + 1:
         raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
     replay, probe, qa, line = core.keeping_setup(run, brain, args)
+    data = run.prefetch_scenes(functools.partial(draw_scenes, n=args.batch_size, max_agent_offset=args.max_agent_offset,
+                                                 facing_share=args.facing_share, facing_error=args.facing_error),
+                               core.keeping_counts(brain, args, replay, qa, line))
 
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            offsets = rng.uniform(game.MIN_BARE_OFFSET, args.max_agent_offset, args.batch_size)
-            facing = (rng.random(args.batch_size) < args.facing_share if args.facing_share else
-                      np.zeros(args.batch_size, dtype=bool))      # no draw at share 0: nothing else changes
-            scenes = [game.random_bare_settings(rng, max_agent_offset=o,
-                                                max_heading_error=math.radians(args.facing_error) if f else None)
-                      for o, f in zip(offsets, facing)]
+            scenes, kept_scenes = data.get(batch)
             n_self = round(args.dagger * len(scenes))
             # oracle traces, and (DAgger) the brain's own episodes with the oracle's action for every state it
             # met: imitating oracle traces alone lets the brain copy its previous action instead of looking
@@ -90,7 +99,7 @@ def main(argv=None):
         with run.autocast():
             logp, entropy = core.score_actions(brain, states, text, step, size, targets=targets)
             imitation = -logp.float().mean()
-            keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
+            keep, kept = core.keeping_loss(brain, args, replay, kept_scenes, rng, qa, line)
         loss = imitation + keep
         run.step(loss)
         run.log_step({"loss": loss.item(), "imitation": imitation.item(),

@@ -115,6 +115,7 @@ def main(argv=None):
     run = core.Run("rl_grpo", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)
     replay, probe, qa, line = core.keeping_setup(run, brain, args)
+    counts = core.keeping_counts(brain, args, replay, qa, line)      # the earlier skills' scenes, drawn each epoch
     size, device, G = run.cfg.img_size, run.device, args.group_size
     ref = None
     if args.kl_coef > 0 and args.init_from:
@@ -198,7 +199,8 @@ def main(argv=None):
                 stats["entropy"] += entropy.detach().sum().item()
             if replay is not None:            # the earlier skills, once per optimizer step
                 with run.autocast():
-                    keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
+                    keep, kept = core.keeping_loss(brain, args, replay, core.keeping_scenes(rng, **counts), rng, qa,
+                                                   line)
                 keep.backward()
                 total += keep.item()
                 for name, value in kept.items():

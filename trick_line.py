@@ -32,6 +32,7 @@ with a line on 79% of control frames, and 0.101 after 400 with 10%).
 
     python trick_line.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
 """
+import functools
 import os
 
 import torch
@@ -44,6 +45,10 @@ NEEDS = ["img_enc", "img_dec", "text_enc", "text_dec"]
 
 def pick(pool, n, rng):
     return pool[torch.from_numpy(rng.integers(len(pool), size=n)).to(pool.device)]
+
+
+def bare_scenes(rng, n):
+    return [game.random_bare_settings(rng) for _ in range(n)]
 
 
 def control_sentences(tokenizer, sentences):
@@ -78,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--control-share", type=float, default=0.25,
                         help="share of rows given an ordinary sentence, whose target is the frame unchanged")
     core.add_forgetting_args(parser)
+    core.add_workers_arg(parser)
     parser.add_argument("--eval-scenes", type=int, default=256, help="held-out bare scenes in each evaluation")
     parser.set_defaults(freeze=["text_enc", "text_dec"])
     args = parser.parse_args(argv)
@@ -92,17 +98,18 @@ def main(argv=None):
     eval_rng = core.heldout_rng(0, salt=3)
     scenes = [game.random_bare_settings(eval_rng) for _ in range(args.eval_scenes)]
     png = os.path.join(run.run_dir, "lines.png")
+    data = run.prefetch_scenes(functools.partial(bare_scenes, n=B), core.keeping_counts(brain, args, replay))
 
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            batch_scenes = [game.random_bare_settings(rng) for _ in range(B)]
+            batch_scenes, kept_scenes = data.get(batch)
             frames, targets, bar_ends, has_bar = game.line_task(batch_scenes, size, run.device)
             control = torch.from_numpy(rng.random(B) < args.control_share).to(run.device)
             text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
         with run.autocast():
             recon, ends = brain.draw(text, frames)
-            keep, kept = core.keeping_loss(brain, args, replay, rng)
+            keep, kept = core.keeping_loss(brain, args, replay, kept_scenes, rng)
         want = torch.where(control[:, None, None, None], frames, targets)
         line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, ends,
                                          (bar_ends, has_bar & ~control), args.end_weight)

@@ -46,6 +46,7 @@ text loss before the first step and after. The best checkpoint has the highest m
 
     python tutorial_qa.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
 """
+import functools
 import itertools
 
 import numpy as np
@@ -159,6 +160,7 @@ def main(argv=None):
                         help="the families asked (default all seven); with fewer, the others are replayed "
                              f"(--qa-weight) and still evaluated. One of: {', '.join(FAMILY_ORDER)}")
     core.add_forgetting_args(parser, qa_replay=True)
+    core.add_workers_arg(parser)
     parser.add_argument("--eval-scenes", type=int, default=100, help="held-out scenes per family in each evaluation")
     # text_enc learns the questions at a third of the rate: at the full rate the held-out text loss rose
     # x2.6 in 1,200 batches; at 1e-4 held-back questions were learned much later (README, "QA figures")
@@ -177,11 +179,14 @@ def main(argv=None):
     line = core.replayed_line(run, brain, args)   # the line trick, learned before, drawn on a few scenes a batch
     # scenes balanced on the rarest fact asked (the gold is ahead in 7% of random scenes)
     balance = "ahead" if "ahead" in args.families else args.families[0]
+    data = run.prefetch_scenes(functools.partial(core.qa_scenes, args.batch_size, families=[balance]),
+                               core.keeping_counts(brain, args, replay, qa, line))
 
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            batch_scenes = core.qa_scenes(args.batch_size, rng, families=[balance])[balance]
+            batch_scenes, kept_scenes = data.get(batch)
+            batch_scenes = batch_scenes[balance]
             families = asked_families(batch, args.family_every, args.families)
             asked = len(families)               # questions per scene: its families drawn by family_shares
             shares = family_shares(families, run.cursor.setdefault("family_loss", {}), args.focus)
@@ -200,7 +205,7 @@ def main(argv=None):
                 heard = (qmask & (text != core.PAD))[::asked]
                 recon = brain.img_dec(img_tokens, text_tokens[::asked], heard)
                 asked_loss = (core.object_weights(frames, args.object_weight) * (recon.float() - frames) ** 2).mean()
-            keep, kept = core.keeping_loss(brain, args, replay, rng, qa, line)
+            keep, kept = core.keeping_loss(brain, args, replay, kept_scenes, rng, qa, line)
         answer_loss = token_loss.mean()
         running = run.cursor["family_loss"]
         for family, value in family_losses(token_loss, amask, names).items():

@@ -2,12 +2,14 @@
 import glob
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import core
-from conftest import SMALL_ARGS, kill_when, run_script
+from conftest import ROOT, SMALL_ARGS, kill_when, run_script, script_env
 
 SENTENCES = [f"The {a} {b} is {c} the {d}." for a in ("red", "green", "small", "old") for b in ("cat", "gold", "wall", "agent")
              for c in ("near", "left of", "above", "behind") for d in ("door", "tree", "wall")]
@@ -97,3 +99,22 @@ def test_image_data_workers_draw_exactly_the_same_batches(tmp_path):
     run_script("pretrain_image.py", *stage_args("pretrain_image.py", tmp_path / "workers", 4, ["--workers", 2]))
     a, b = weights(tmp_path / "inline"), weights(tmp_path / "workers")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_with_data_workers_saves_and_stops_cleanly(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, data workers too: they ignore it, the stage saves
+    after its batch and stops (a worker killed mid-batch printed a traceback, and could leave the stage waiting)."""
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_image.py"),
+           *map(str, stage_args("pretrain_image.py", tmp_path, 400, ["--workers", 1, "--log-every", 1]))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=script_env(), start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "batch 3/400" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + out
+    assert proc.returncode == 0 and "stopped by SIGINT" in out and "Traceback" not in out
+    assert core.parse_checkpoint_name(core.latest_checkpoint(str(tmp_path))[0])[1] < 400

@@ -130,6 +130,8 @@ def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, reads, tmp_
                  "--init-from", *pretrain(tmp_path / "pretrained")]
     out = run_script(stage, *rl_args(tmp_path / "a", 8, *extra)).stdout
     assert "oracle_success@0.1" in out and "random_success@0.1" in out
+    if stage == "rl_fake_traces.py":        # the second run draws its scenes in a worker: the same data
+        extra = [*extra, "--workers", 1]
     code, _ = kill_when(stage, "batch 4/8", *rl_args(tmp_path / "b", 8, *extra))
     assert code == -signal.SIGKILL
     out = run_script(stage, *rl_args(tmp_path / "b", 8, *extra, "--resume")).stdout

@@ -110,9 +110,10 @@ def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_e
     grid = Image.open(tmp_path / "a" / "lines.png")
     assert (grid.width, grid.height) == (8 * 32 * 2, 3 * 32 * 2)        # scene, target, prediction
 
-    code, _ = kill_when("trick_line.py", "batch 6/12", *stage_args(tmp_path / "b", 12, pretrained))
+    # the second run draws its scenes in a worker process: the same data, so the same weights
+    code, _ = kill_when("trick_line.py", "batch 6/12", *stage_args(tmp_path / "b", 12, pretrained), "--workers", 1)
     assert code == -signal.SIGKILL
-    out = run_script("trick_line.py", *stage_args(tmp_path / "b", 12, pretrained), "--resume").stdout
+    out = run_script("trick_line.py", *stage_args(tmp_path / "b", 12, pretrained), "--resume", "--workers", 1).stdout
     assert "resuming from" in out and "before this stage" not in out        # the baseline came from the checkpoint
     a, b = (core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / d))) for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -139,18 +140,23 @@ def test_the_stages_after_the_trick_replay_it_into_img_dec_alone():
     args = lambda weight: parser.parse_args(["--plain-weight", "0", "--text-weight", "0", "--line-replay-batch", "4",
                                              "--line-replay-weight", str(weight)])
     replay = tokenizer.encode(["The red cat sat by the door."] * 4, brain.cfg.seq_len)
-    total, kept = core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)
+
+    def keeping(weight, line=tokenizer):        # the scenes the stage's workers would draw, then the losses
+        scenes = core.keeping_scenes(np.random.default_rng(1), **core.keeping_counts(brain, args(weight), replay, line=line))
+        return core.keeping_loss(brain, args(weight), replay, scenes, np.random.default_rng(1), line=line)
+
+    total, kept = keeping(1)
     assert kept["line"].item() > 0 and total.item() == pytest.approx(kept["line"].item())
-    doubled = core.keeping_loss(brain, args(2), replay, np.random.default_rng(1), line=tokenizer)[0]
+    doubled = keeping(2)[0]
     assert doubled.item() == pytest.approx(2 * total.item())
     total.backward()
     assert brain.img_dec.unpatchify.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0          # the end loss moves the pointers
     for part in ("img_enc", "text_enc", "text_dec", "reader"):
         assert all(p.grad is None or not p.grad.any() for p in getattr(brain, part).parameters()), part
-    assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1))[1]["line"].item() == 0
+    assert keeping(1, line=None)[1]["line"].item() == 0
     brain.img_dec.requires_grad_(False)
-    assert core.keeping_loss(brain, args(1), replay, np.random.default_rng(1), line=tokenizer)[1]["line"].item() == 0
+    assert keeping(1)[1]["line"].item() == 0
 
 
 def test_the_bar_ends_on_the_rims_agent_end_first_where_the_target_draws_it():
