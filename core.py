@@ -1003,6 +1003,11 @@ class Rollout:
     success: torch.Tensor   # (B,) bool: the gold was reached
     steps: torch.Tensor     # (B,) steps taken
 
+    def to(self, device):
+        """The same episodes with their tensors on `device` (a rollout made in a data worker, on the CPU)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if f.name != "states"})
+
     def flat(self):
         """The (episode, step) pairs taken: (Settings list, episode index, step index) for re-scoring."""
         b, t = self.taken.nonzero(as_tuple=True)
@@ -1787,8 +1792,7 @@ def keeping_loss(brain, args, replay, scenes, rng, qa=None, line=None):
     sentences = replay[torch.from_numpy(rng.integers(len(replay), size=args.text_batch))].to(device)
     plain_loss = zero
     if scenes["plain"] is not None:
-        settings, zoom, centers = scenes["plain"]
-        plain = game.render(settings, brain.cfg.img_size, device, torch.from_numpy(zoom), torch.from_numpy(centers))
+        plain = game.render_pretrain_scenes(scenes["plain"], brain.cfg.img_size, device)
         recon = brain.img_autoencoder(plain)
         plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
     text_trains = trains(brain, "text_enc", "text_dec")

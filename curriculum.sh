@@ -43,7 +43,7 @@ ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10
 # line replay and plain reconstruction reach: with it frozen they cannot replay the line, and the line lost
 # two thirds of its IoU in imitation (0.169 -> 0.058; trained: 0.226, greedy the same; README, "Strokes").
 # The skill stages draw their scenes in one worker process (--workers 1): the second core is idle once the
-# pretraining pair is done, and the line trick ran 1.7x and the QA tutorial 1.4x the samples/s with it (README,
+# pretraining pair is done, and the line trick ran 1.7x and the QA tutorial 1.6x the samples/s of before (README,
 # "Data workers").
 # what the tiny mode leaves frozen (--quick too, so that CI runs the same init-from paths)
 FROZEN_line=(--freeze img_enc text_enc text_dec)

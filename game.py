@@ -674,7 +674,12 @@ def pretrain_scenes(n, rng):
 
 def pretrain_image_batch(n, size, rng, device="cpu") -> torch.Tensor:
     """The image-pretraining mix (see pretrain_scenes) drawn as (n, 3, size, size); zooms draw only their window."""
-    scenes, zoom, centers = pretrain_scenes(n, rng)
+    return render_pretrain_scenes(pretrain_scenes(n, rng), size, device)
+
+
+def render_pretrain_scenes(drawn, size, device="cpu") -> torch.Tensor:
+    """pretrain_scenes' (scenes, zooms, centres), drawn elsewhere (e.g. in a data worker), rendered on device."""
+    scenes, zoom, centers = drawn
     return render(scenes, size, device, torch.from_numpy(zoom), torch.from_numpy(centers))
 
 

@@ -47,8 +47,7 @@ def main(argv=None):
 
     for batch in run.batches():
         with run.timing("data"):     # scenes drawn ahead on the CPU, frames rendered here on the device
-            (settings, zoom, centers), _ = data.get(batch)
-            frames = game.render(settings, size, run.device, torch.from_numpy(zoom), torch.from_numpy(centers))
+            frames = game.render_pretrain_scenes(data.get(batch)[0], size, run.device)
         with run.autocast():
             recon = brain.img_autoencoder(frames)
         weight = 1 + (args.object_weight - 1) * (frames < 0.99).any(1, keepdim=True)

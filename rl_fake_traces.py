@@ -20,13 +20,18 @@ import core
 import game
 
 
-def draw_scenes(rng, n, max_agent_offset, facing_share, facing_error):
-    """n bare scenes, the gold up to max_agent_offset from the agent, a share facing_share of them with the agent
-    facing the gold within facing_error degrees."""
+def draw_batch(rng, n, max_agent_offset, facing_share, facing_error, n_self, backward, seq_len):
+    """One batch's n bare scenes (the gold up to max_agent_offset from the agent, a share facing_share of them with
+    the agent facing the gold within facing_error degrees), and the oracle's traces of all but the first n_self,
+    played on the CPU: (scenes, Rollout or None). Made ahead in --workers processes; the brain plays the first
+    n_self itself in the training process."""
     offsets = rng.uniform(game.MIN_BARE_OFFSET, max_agent_offset, n)
     facing = (rng.random(n) < facing_share if facing_share else np.zeros(n, dtype=bool))  # share 0: no draw
-    return [game.random_bare_settings(rng, max_agent_offset=o, max_heading_error=math.radians(facing_error) if f else None)
-            for o, f in zip(offsets, facing)]
+    scenes = [game.random_bare_settings(rng, max_agent_offset=o, max_heading_error=math.radians(facing_error) if f else None)
+              for o, f in zip(offsets, facing)]
+    oracle = (core.rollout(scenes[n_self:], "oracle", 0, "cpu", game.MAX_ACTIONS, seq_len, backward=backward)
+              if n_self < n else None)
+    return scenes, oracle
 
 
 def main(argv=None):
@@ -70,27 +75,28 @@ def main(argv=None):
     if seq_len < game.MAX_ACTIONS + 1:
         raise core.UsageError(f"seq_len {seq_len} cannot hold <s> and {game.MAX_ACTIONS} actions")
     replay, probe, qa, line = core.keeping_setup(run, brain, args)
-    data = run.prefetch_scenes(functools.partial(draw_scenes, n=args.batch_size, max_agent_offset=args.max_agent_offset,
-                                                 facing_share=args.facing_share, facing_error=args.facing_error),
+    n_self = round(args.dagger * args.batch_size)
+    data = run.prefetch_scenes(functools.partial(draw_batch, n=args.batch_size, max_agent_offset=args.max_agent_offset,
+                                                 facing_share=args.facing_share, facing_error=args.facing_error,
+                                                 n_self=n_self, backward=args.oracle_backward, seq_len=seq_len),
                                core.keeping_counts(brain, args, replay, qa, line))
 
     for batch in run.batches():
         rng = run.rng()
         with run.timing("data"):
-            scenes, kept_scenes = data.get(batch)
-            n_self = round(args.dagger * len(scenes))
+            (scenes, oracle), kept_scenes = data.get(batch)
             # oracle traces, and (DAgger) the brain's own episodes with the oracle's action for every state it
             # met: imitating oracle traces alone lets the brain copy its previous action instead of looking
+            traces = [oracle.to(run.device)] if oracle else []
+            if n_self:
+                traces.append(core.rollout(scenes[:n_self], "sample", size, run.device, args.dagger_actions, seq_len,
+                                           brain=brain, generator=run.torch_generator(), backward=args.oracle_backward,
+                                           explore=args.explore))
             states, text, step, targets = [], [], [], []
-            for policy, part in (("oracle", scenes[n_self:]), ("sample", scenes[:n_self])):
-                if part:
-                    limit = args.dagger_actions if policy == "sample" else game.MAX_ACTIONS
-                    trace = core.rollout(part, policy, size, run.device, limit, seq_len, brain=brain,
-                                         generator=run.torch_generator(), backward=args.oracle_backward,
-                                         explore=args.explore if policy == "sample" else 0.0)
-                    s, e, t = trace.flat()
-                    states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
-                                                   targets + [trace.labels[e, t]])
+            for trace in traces:
+                s, e, t = trace.flat()
+                states, text, step, targets = (states + s, text + [trace.text[e]], step + [t],
+                                               targets + [trace.labels[e, t]])
             text, step, targets = torch.cat(text), torch.cat(step), torch.cat(targets)
             if 0 < args.actions_per_batch < len(step):
                 keep = np.sort(rng.choice(len(step), args.actions_per_batch, replace=False))
