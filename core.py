@@ -1772,7 +1772,7 @@ def keeping_scenes(rng, plain=0, qa=0, line=0):
     scenes. Settings only: the frames are rendered on the device."""
     return dict(plain=game.pretrain_scenes(plain, rng) if plain else None,
                 qa=qa_scenes(qa, rng) if qa else None,
-                line=[game.random_bare_settings(rng) for _ in range(line)])
+                line=game.random_bare_scenes(rng, line))
 
 
 def keeping_loss(brain, args, replay, scenes, rng, qa=None, line=None):
@@ -1948,7 +1948,7 @@ def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_
     out = forgetting(brain, probe) if probe is not None else {}
     if line is not None:
         rng = heldout_rng(0, salt=3)                   # the line trick's own held-out scenes
-        scenes = [game.random_bare_settings(rng) for _ in range(line_scenes)]
+        scenes = game.random_bare_scenes(rng, line_scenes)
         for name, key in (("heldout", "line_iou_kept"), ("train", "line_iou_kept_train_prompts")):
             out[key] = line_metrics(brain, line, scenes, LINE_PROMPTS[name])[0]["line_iou"]
     if qa is not None:

@@ -99,7 +99,7 @@ def text_figures(c, sizes, prefix):
 
 def line_figures(c, sizes, prefix):
     rng = core.heldout_rng(0, salt=3)            # trick_line.py's held-out scenes
-    scenes = [game.random_bare_settings(rng) for _ in range(sizes["line_scenes"])]
+    scenes = game.random_bare_scenes(rng, sizes["line_scenes"])
     m, pictures = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["heldout"])
     trained = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["train"])[0]
     core.save_image_grid([pictures[k][:8] for k in ("scene", "target", "prediction")], prefix + "lines.png")

@@ -620,6 +620,11 @@ def random_bare_settings(rng, max_agent_offset=0.3, max_tries=1000, max_heading_
                     gold=[(float(golds[i, 0]), float(golds[i, 1]))], walls=walls)
 
 
+def random_bare_scenes(rng, n, **kwargs) -> list:
+    """n scenes of random_bare_settings(rng, **kwargs), drawn one after another."""
+    return [random_bare_settings(rng, **kwargs) for _ in range(n)]
+
+
 def _jitter_many(settings_list, rng, n_actions=(1, 3), max_repeat=30, device="cpu"):
     """jitter() for a list of scenes, stepped together as one batch."""
     rng = _rng(rng)

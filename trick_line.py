@@ -47,10 +47,6 @@ def pick(pool, n, rng):
     return pool[torch.from_numpy(rng.integers(len(pool), size=n)).to(pool.device)]
 
 
-def bare_scenes(rng, n):
-    return [game.random_bare_settings(rng) for _ in range(n)]
-
-
 def control_sentences(tokenizer, sentences):
     """The text model's sentences that do not ask for a line ("line" in one would make its target ambiguous)."""
     keep = ["line" not in tokenizer.decode(s).lower() for s in sentences]
@@ -96,9 +92,9 @@ def main(argv=None):
     controls = control_sentences(tokenizer, replay)
     prompts = tokenizer.encode(core.LINE_PROMPTS["train"], run.cfg.seq_len).to(run.device)
     eval_rng = core.heldout_rng(0, salt=3)
-    scenes = [game.random_bare_settings(eval_rng) for _ in range(args.eval_scenes)]
+    scenes = game.random_bare_scenes(eval_rng, args.eval_scenes)
     png = os.path.join(run.run_dir, "lines.png")
-    data = run.prefetch_scenes(functools.partial(bare_scenes, n=B), core.keeping_counts(brain, args, replay))
+    data = run.prefetch_scenes(functools.partial(game.random_bare_scenes, n=B), core.keeping_counts(brain, args, replay))
 
     for batch in run.batches():
         rng = run.rng()

@@ -146,7 +146,7 @@ def main():
         param.requires_grad_(False)
 
     rng = np.random.default_rng(a.seed + 1)
-    scenes = [game.random_bare_settings(rng) for _ in range(a.scenes)]
+    scenes = game.random_bare_scenes(rng, a.scenes)
     with torch.no_grad():
         contexts = torch.cat([brain.image_context(game.render(scenes[i: i + 500], brain.cfg.img_size))
                               for i in range(0, len(scenes), 500)])
