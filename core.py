@@ -1266,6 +1266,7 @@ class Run:
         self.batch, self.cursor, self.skipped, self.bad_in_row = 0, {}, 0, 0
         self.stop_signal, self.last_saved = None, None
         self.timers, self._tick = {}, (time.time(), 0)
+        self.prefetchers = []                      # prefetch_scenes' worker pools, closed by close()
         self.trains = [p for p in trains if p not in args.freeze]
 
         self.ckpt = None
@@ -1371,9 +1372,9 @@ class Run:
         batch to balance its rarest fact), done ahead in --workers processes. draw must be picklable (a
         module's function, or a functools.partial of one); the data never depends on the number of workers."""
         workers = self.args.workers if self.args.workers >= 0 else (4 if self.device.type == "cuda" else 0)
-        self._prefetchers = getattr(self, "_prefetchers", []) + [Prefetcher(functools.partial(
-            _batch_scenes, draw=draw, keep=keep, seed=self.args.seed, rank=self.rank), workers)]
-        return self._prefetchers[-1]
+        self.prefetchers.append(Prefetcher(functools.partial(
+            _batch_scenes, draw=draw, keep=keep, seed=self.args.seed, rank=self.rank), workers))
+        return self.prefetchers[-1]
 
     def rng(self, batch=None):
         """The numpy generator of one training batch: a function of (seed, rank, batch), so resume replays nothing."""
@@ -1549,7 +1550,7 @@ class Run:
             dist.barrier()
 
     def close(self):
-        for prefetcher in getattr(self, "_prefetchers", []):
+        for prefetcher in self.prefetchers:
             prefetcher.close()
         if self.world > 1:
             import torch.distributed as dist
@@ -1797,7 +1798,7 @@ def keeping_loss(brain, args, replay, scenes, rng, qa=None, line=None):
         plain_loss = (object_weights(plain, args.object_weight) * (recon.float() - plain) ** 2).mean()
     text_trains = trains(brain, "text_enc", "text_dec")
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
-    answered = qa_replay_loss(brain, qa, scenes["qa"], rng) if qa is not None else zero
+    answered = qa_replay_loss(brain, qa, scenes["qa"], rng) if scenes["qa"] else zero      # keeping_counts decides
     drawn = line_replay_loss(brain, line, scenes["line"], rng) if scenes["line"] else zero
     total = args.plain_weight * plain_loss + args.text_weight * said
     if qa is not None:
