@@ -7,12 +7,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import core
-import game
 
 from conftest import ROOT, SMALL_ARGS, kill_when, payload, run_script, script_env
 
@@ -69,36 +67,6 @@ def test_a_fresh_brain_has_keypoints_that_follow_each_colour(colour):
     follows = ((where[:, :, 0] - true_x[:, None]).abs() < 0.1).all(0)    # (K,): this keypoint tracks it
     assert follows.any()
     assert not ((where[:, :, 0] - where[:1, :, 0]).abs() < 0.1).all()    # and it is not a constant
-    _, mass = brain.img_enc.keypoints.locate(torch.ones(1, 3, 96, 96))
-    assert (mass > 0).float().mean() < 0.25     # most detectors do not answer to the white background
-
-
-def test_keypoints_are_the_centres_of_mass_of_each_detector_s_response_whatever_the_batch():
-    brain = core.Brain(core.make_config("tiny", img_size=32, patch=8))
-    kp = brain.img_enc.keypoints
-    frames = game.render(game.random_bare_scenes(np.random.default_rng(0), 7), 32)    # 7: not a multiple of 4
-    ink = frames * 2 - 1
-    where, mass = kp.locate(ink)
-    response = torch.relu(torch.nn.functional.conv2d(ink, kp.detect.weight, kp.detect.bias))
-    centre = (torch.arange(32) + 0.5) / 16 - 1                                      # pixel centres in [-1, 1]
-    total = response.sum((2, 3))
-    x = (response * centre).sum((2, 3)) / (total + 1e-3)
-    y = (response * centre[:, None]).sum((2, 3)) / (total + 1e-3)
-    assert torch.allclose(where, torch.stack([x, y], -1), atol=1e-5)
-    assert torch.allclose(mass[..., 0], torch.log1p(total), atol=1e-4)
-    assert torch.allclose(kp.locate(ink[:3])[0], where[:3], atol=1e-6)        # each frame alone
-
-
-def test_a_fresh_brain_places_the_eye_to_a_fraction_of_a_pixel():
-    # what the heading is read from: the eye is 4 px across at 96 px, and turns move it by less than a pixel
-    torch.manual_seed(0)
-    brain = core.Brain(core.make_config("tiny"))
-    steps = torch.arange(6) * 0.2                                                # the agent moved by 0.2 px at a time
-    scenes = [game.Settings(agent_x=0.4 + s.item() / 96, agent_y=0.5, heading=0.0, gold=[(0.8, 0.8)]) for s in steps]
-    where, _ = brain.img_enc.keypoints.locate(game.render(scenes, 96) * 2 - 1)
-    moved = (where[:, :, 0] - where[:1, :, 0]) * 48                             # in pixels, per detector
-    error = (moved - steps[:, None]).abs().max(0).values
-    assert error.min() < 0.15      # the softmax over half-resolution heat maps before: 0.24
 
 
 def test_text_logits_at_t_never_see_tokens_after_t():
