@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import functools
 import glob
 import json
@@ -2121,6 +2122,63 @@ QA_FAMILIES = {
         answers={"near": dict(train=["Near.", "It's near.", "The gold is close."], heldout=["Quite close by."]),
                  "far": dict(train=["Far.", "It's far.", "The gold is far away."], heldout=["Rather distant."])}),
 }
+
+
+# Place questions from a small grammar, added to the four place families' twelve hand-written ones (the
+# nineteenth session): frames x who is asked about (the gold; "you" or "the agent") x whom it is compared to
+# x three pairs of place words. With the twelve alone, the 144 px brains answered one held-back phrasing of a
+# family wrong while its other one right ("Is the agent above the gold or below the gold?" near chance where
+# "Compared to the gold, are you above or below?" was right): they had learned which words go with which
+# family's strings, not to read the subject, the reference and the place words apart. The grammar varies
+# these three independently. None of its frames is a held-back question's ("A R or B R", "Compared to"), and
+# a question it makes that some family already asks, held back or not, is dropped.
+_PLACE_FRAMES = ["{Be} {s} {a} or {b}{p} {r}?",
+                 "Where {be} {s}, {a} or {b}{p} {r}?",
+                 "{A} or {b}{p} {r}: where {be} {s}?",
+                 "Tell me whether {s} {be} {a} or {b}{p} {r}.",
+                 "On the board, {be} {s} {a} or {b}{p} {r}?",
+                 "Would you say {s} {be} {a} or {b}{p} {r}?",
+                 "Please say if {s} {be} {a} or {b}{p} {r}.",
+                 "Can you tell if {s} {be} {a} or {b}{p} {r}?"]
+_PLACE_WORDS = {"left_right": [("left", "right", " of"), ("to the left", "to the right", " of"),
+                               ("on the left", "on the right", " of")],
+                "above_below": [("above", "below", ""), ("higher", "lower", " than"), ("up", "down", " from")]}
+
+
+def place_questions(family):
+    """The grammar's questions for one of the four place families ('gold_left_right', ...), in a fixed order."""
+    who, axis = family.split("_", 1)
+    asked = [("the gold", r) for r in ("you", "the agent")] if who == "gold" else [(s, "the gold") for s in ("you", "the agent")]
+    out = []
+    for frame in _PLACE_FRAMES:
+        for s, r in asked:
+            be = "are" if s == "you" else "is"
+            for a, b, p in _PLACE_WORDS[axis]:
+                q = frame.format(Be=be.capitalize(), be=be, s=s, r=r, A=a.capitalize(), a=a, b=b, p=p)
+                if q not in out:
+                    out.append(q)
+    return out
+
+
+def closeness(a, b):
+    """How alike two phrasings read, 0 to 1 (difflib's ratio of matching characters)."""
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _add_place_questions(families):
+    """Each place family's training questions += the grammar's, less those some family asks already and those
+    that read more like a held-back question than any hand-written training question does (none is a copy
+    of a held-back question with a word changed)."""
+    asked = [q for fam in families.values() for said in fam["questions"].values() for q in said]
+    heldout = [q for fam in families.values() for q in fam["questions"]["heldout"]]
+    hand = [q for fam in families.values() for q in fam["questions"]["train"]]
+    nearest = {h: max(closeness(h, q) for q in hand) for h in heldout}
+    for family in ("gold_left_right", "gold_above_below", "agent_left_right", "agent_above_below"):
+        families[family]["questions"]["train"] += [
+            q for q in place_questions(family) if q not in asked and all(closeness(h, q) <= nearest[h] for h in heldout)]
+
+
+_add_place_questions(QA_FAMILIES)
 
 
 def _as_said(text):

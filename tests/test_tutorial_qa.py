@@ -94,11 +94,43 @@ def test_phrasings_belong_to_one_family_and_held_back_questions_are_new():
     assert len(core.QA_FAMILIES) == 7
 
 
+PLACES = {"gold_left_right": ("the gold", ["you", "the agent"], ("left", "right")),
+          "agent_left_right": ("you|the agent", ["the gold"], ("left", "right")),
+          "gold_above_below": ("the gold", ["you", "the agent"], ("above|higher|up", "below|lower|down")),
+          "agent_above_below": ("you|the agent", ["the gold"], ("above|higher|up", "below|lower|down"))}
+
+
+@pytest.mark.parametrize("family", sorted(PLACES))
+def test_place_questions_from_the_grammar_ask_one_pair_and_stay_apart_from_the_held_back(family):
+    """The grammar asks whom, compared to whom, and one pair of place words of the family's axis; it adds
+    each question once, none another family asks, and none closer to a held-back question than the
+    hand-written ones come."""
+    subject, references, (a, b) = PLACES[family]
+    made = core.place_questions(family)
+    train = core.QA_FAMILIES[family]["questions"]["train"]
+    added = train[12:]                                  # after the twelve hand-written questions
+    assert len(made) == len(set(made)) >= 40 and 30 <= len(added) <= len(made) and set(added) <= set(made)
+    hand = [q for fam in core.QA_FAMILIES.values() for q in fam["questions"]["train"][:12]]
+    heldout = [q for fam in core.QA_FAMILIES.values() for q in fam["questions"]["heldout"]]
+    for q in made:
+        low = q.lower()
+        assert len(re.findall(rf"\b({a})\b", low)) == 1 and len(re.findall(rf"\b({b})\b", low)) == 1, q
+        assert re.search(rf"\b({subject})\b (is|are)\b|\b(is|are) ({subject})\b", low), q
+        tail = low[re.search(rf"\b({a}|{b})\b", low).start():]                 # from the place words on
+        assert sum(len(re.findall(rf"\b{r}\b", tail)) for r in references) == 1, q   # no "A you or B you"
+        assert not low.startswith("compared to"), q
+    for q in added:
+        assert q not in heldout and q not in hand
+        assert all(core.closeness(h, q) <= max(core.closeness(h, t) for t in hand) for h in heldout), q
+    if family == "gold_left_right":     # one word from the held-back "... on the right of the agent?": dropped
+        assert "Is the gold on the left or on the right of you?" in set(made) - set(train)
+
+
 def test_phrasing_phases_one_phrasing_then_any_question_and_some_answers():
     """First phase: one question per family, one answer per label. Then every training question, and the
     label's first answer except for a share --answer-variety of the answers; every pair is labelled right."""
     rng = np.random.default_rng(0)
-    scenes = core.qa_scenes(120, 1, families=["ahead"])["ahead"]
+    scenes = core.qa_scenes(600, 1, families=["ahead"])["ahead"]
 
     def asked(first, variety):
         qs, ans = tutorial_qa.qa_batch([(s, f) for s in scenes for f in tutorial_qa.FAMILY_ORDER], rng, first, variety)
