@@ -1972,7 +1972,8 @@ def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_
 # and what is asked about. With six, the tiny brain answered held-back questions as another family's ("Compared
 # to the gold, are you above or below?" with where the gold is, "Is the gold straight in front of the agent?"
 # with "Left."). No training question uses a held-back question's frame ("Compared to ..., ...", "straight in
-# front of", "looking straight at", "A you or B you"). `keywords` is how the answer parser reads a label out of
+# front of", "looking straight at", "A you or B you"). The four place families also get the questions of a
+# small grammar (place_questions, below). `keywords` is how the answer parser reads a label out of
 # generated text.
 _LEFT_RIGHT = {"left": ("left",), "right": ("right",)}
 _ABOVE_BELOW = {"above": ("above", "up", "over", "higher"), "below": ("below", "down", "under", "lower", "beneath")}
