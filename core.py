@@ -2131,8 +2131,10 @@ QA_FAMILIES = {
 # family wrong while its other one right ("Is the agent above the gold or below the gold?" near chance where
 # "Compared to the gold, are you above or below?" was right): they had learned which words go with which
 # family's strings, not to read the subject, the reference and the place words apart. The grammar varies
-# these three independently. None of its frames is a held-back question's ("A R or B R", "Compared to"), and
-# a question it makes that some family already asks, held back or not, is dropped.
+# these three independently. None of its frames is a held-back question's ("A R or B R", "Compared to"); a
+# question it makes that some family already asks, held back or not, is dropped, and so is one that reads
+# more like a held-back question than any hand-written training question does (README, "Place questions
+# from a grammar": on average a gain at the QA tutorial's end over three seeds, not a cure).
 _PLACE_FRAMES = ["{Be} {s} {a} or {b}{p} {r}?",
                  "Where {be} {s}, {a} or {b}{p} {r}?",
                  "{A} or {b}{p} {r}: where {be} {s}?",
@@ -2149,10 +2151,10 @@ _PLACE_WORDS = {"left_right": [("left", "right", " of"), ("to the left", "to the
 def place_questions(family):
     """The grammar's questions for one of the four place families ('gold_left_right', ...), in a fixed order."""
     who, axis = family.split("_", 1)
-    asked = [("the gold", r) for r in ("you", "the agent")] if who == "gold" else [(s, "the gold") for s in ("you", "the agent")]
+    pairs = [("the gold", r) for r in ("you", "the agent")] if who == "gold" else [(s, "the gold") for s in ("you", "the agent")]
     out = []
     for frame in _PLACE_FRAMES:
-        for s, r in asked:
+        for s, r in pairs:
             be = "are" if s == "you" else "is"
             for a, b, p in _PLACE_WORDS[axis]:
                 q = frame.format(Be=be.capitalize(), be=be, s=s, r=r, A=a.capitalize(), a=a, b=b, p=p)
