@@ -1100,15 +1100,20 @@ def agent_scenes(offset, n, salt=0):
 @torch.no_grad()
 def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, baselines=True, seed=0):
     """Success within MAX_ACTIONS and mean actions to the gold on held-out scenes, greedy and sampled,
-    beside the oracle and a uniformly random policy measured on the same scenes in the same run."""
+    beside the baselines measured on the same scenes in the same run: the forward-only oracle ("oracle"), the
+    oracle that may also reverse ("oracle_backward": a gold behind the agent costs it far fewer turns) and a
+    uniformly random policy."""
     out = {}
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    policies = (["greedy", "sample"] if brain is not None else []) + (["oracle", "random"] if baselines else [])
+    policies = ((["greedy", "sample"] if brain is not None else []) +
+                (["oracle", "oracle_backward", "random"] if baselines else []))
     for offset in offsets:
         scenes = agent_scenes(offset, n, salt=int(offset * 100))
         for policy in policies:
-            r = rollout(scenes, policy, size, device, brain=brain, generator=gen)
+            backward = policy == "oracle_backward"
+            r = rollout(scenes, "oracle" if backward else policy, size, device, brain=brain, generator=gen,
+                        backward=backward)
             out[f"{policy}_success@{offset}"] = r.success.float().mean().item()
             out[f"{policy}_actions@{offset}"] = r.steps[r.success].float().mean().item() if r.success.any() else float("nan")
     return out

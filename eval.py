@@ -17,7 +17,8 @@ as "not trained", not measured), on held-out seeds fixed in core.py and shared w
   qa     accuracy per question family with the held-back phrasings, beside chance; per phrasing; the share
          of answers given in another family's words (the question taken for another family's)
   agent  success within 31 actions and actions to the gold at several offsets, greedy and sampled, beside
-         the oracle and a random policy played on the same scenes in the same run
+         the oracle (forward only, and allowed to reverse) and a random policy played on the same scenes in
+         the same run
 
 Writes DIR/report.md (one table, a column per checkpoint, so two checkpoints show what a stage taught and
 what it made the brain forget) and PNGs: reconstructions, lines, QA answers, agent trajectories, and loss
@@ -142,9 +143,11 @@ def agent_figures(c, sizes, prefix):
         rows += [(f"success @{offset}: greedy", m[f"greedy_success@{offset}"], "pct"),
                  (f"success @{offset}: sampled", m[f"sample_success@{offset}"], "pct"),
                  (f"success @{offset}: baseline oracle", m[f"oracle_success@{offset}"], "pct"),
+                 (f"success @{offset}: baseline oracle, backward allowed", m[f"oracle_backward_success@{offset}"], "pct"),
                  (f"success @{offset}: baseline random", m[f"random_success@{offset}"], "pct"),
                  (f"actions to gold @{offset}: greedy", m[f"greedy_actions@{offset}"], "num"),
-                 (f"actions to gold @{offset}: oracle", m[f"oracle_actions@{offset}"], "num")]
+                 (f"actions to gold @{offset}: oracle", m[f"oracle_actions@{offset}"], "num"),
+                 (f"actions to gold @{offset}: oracle, backward allowed", m[f"oracle_backward_actions@{offset}"], "num")]
     return rows, None
 
 

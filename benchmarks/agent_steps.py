@@ -13,10 +13,17 @@ state it met, compares its action with the forward-only oracle's for that state 
   - failed episodes by how they ended: </s> before the action limit, or the limit reached (its last action
     may be </s>) having turned back and forth (a turn undone by the next action, twice or more), having
     kept turning (four actions in five or more), having passed the gold (closest, then farther), or
-    otherwise.
+    otherwise;
+  - failed episodes by the gold's angle from the heading at the start, beside how many of those scenes the
+    forward-only oracle fails too: with 6 degrees a turn, a gold behind the agent costs about 30 of the 31
+    actions in turning alone.
 
     python benchmarks/agent_steps.py --ckpt runs/curriculum/grpo/best
     python benchmarks/agent_steps.py --ckpt runs/curriculum/grpo/best --offset 0.5 --scenes 200
+    python benchmarks/agent_steps.py --ckpt runs/imitation/best --oracle-backward   # an agent that imitated it
+
+With --oracle-backward the oracle that may also reverse stands in for the forward-only one everywhere (the
+action compared with, the shortest ways on among forward, backward, left and right, the scenes it fails).
 """
 import argparse
 import math
@@ -31,6 +38,7 @@ import core  # noqa: E402
 import game  # noqa: E402
 
 ANGLE_BINS = (0, 5, 10, 20, 45, 90, 180.01)
+START_BINS = (0, 45, 90, 135, 180.01)
 NAMES = {core.ACTION_TOKENS[a]: game.ACTION_NAMES[a] for a in core.POLICY_ACTIONS} | {core.EOS: "</s>"}
 
 
@@ -57,19 +65,27 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint, run folder or FOLDER/best of an agent stage")
     p.add_argument("--offset", type=float, default=0.3, help="max_agent_offset of the held-out scenes")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes (eval.py uses 100)")
+    p.add_argument("--oracle-backward", action="store_true",
+                   help="compare with the oracle that may also reverse (rl_fake_traces.py --oracle-backward)")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     brain, _, path = core.load_brain(a.ckpt)
     scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100))    # eval.py's scenes
-    r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len)
+    back = a.oracle_backward
+    r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len,
+                     backward=back)                         # backward: which oracle labels the states
+    oracle = core.rollout(scenes, "oracle", brain.cfg.img_size, "cpu", seq_len=brain.cfg.seq_len,
+                          backward=back).success
 
     states, episode, step = r.flat()
-    moves = (game.FORWARD, game.LEFT, game.RIGHT)           # the forward-only oracle's (backward can be shorter)
-    values = game.action_values(states, moves)
+    # the oracle's moves (without reversing, backward can be shorter than what the oracle does)
+    moves = (game.FORWARD, game.BACKWARD, game.LEFT, game.RIGHT) if back else (game.FORWARD, game.LEFT, game.RIGHT)
+    values = game.action_values(states, moves, backward=back)
     best = {(int(b), int(t)): {game.ACTION_NAMES[a] for a, v in zip(moves, row) if v == min(row)}
             for b, t, row in zip(episode, step, values.tolist())}
     by_oracle, by_angle, optimal, confusion, ends = Counter(), Counter(), Counter(), Counter(), Counter()
+    failed = Counter()                                      # (start bin, the oracle failed too)
     for b in range(len(scenes)):
         steps = int(r.steps[b])
         actions = [NAMES[int(x)] for x in r.text[b, 1: steps + 1]]
@@ -85,14 +101,18 @@ def main(argv=None):
             by_angle[bin_, want == got] += 1
             optimal[bin_] += got in best[b, t]
         ends[episode_end(actions, distances, bool(r.success[b]))] += 1
+        if not r.success[b]:
+            start = abs(math.degrees(game.scene_facts(r.states[0][b])["angle"]))
+            failed[next(i for i in range(len(START_BINS) - 1) if start < START_BINS[i + 1]), not oracle[b]] += 1
 
     total = sum(confusion.values())
     agree = sum(n for (w, g), n in confusion.items() if w == g)
-    print(f"{path}: greedy, {a.scenes} held-out scenes at offset {a.offset}")
+    print(f"{path}: greedy, {a.scenes} held-out scenes at offset {a.offset}, against the "
+          f"{'oracle that may reverse' if back else 'forward-only oracle'}")
     print(f"success {ends['success'] / a.scenes:.0%}; steps {total}, agreeing with the oracle {agree / total:.1%}, "
           f"one of the shortest ways on {sum(optimal.values()) / total:.1%}")
     print("\nby the oracle's action: agreement (steps)")
-    for want in ("forward", "left", "right"):
+    for want in ("forward", "backward", "left", "right"):
         n = by_oracle[want, True] + by_oracle[want, False]
         if n:
             row = ", ".join(f"{g} {confusion[want, g]}" for g in NAMES.values() if confusion[want, g])
@@ -106,6 +126,11 @@ def main(argv=None):
     print("\nepisodes by how they ended")
     for end, n in ends.most_common():
         print(f"  {end:30s} {n}")
+    print(f"\nfailed episodes by |angle| to the gold at the start (degrees): episodes (the oracle fails too); "
+          f"the oracle fails {int((~oracle).sum())} of the {a.scenes} scenes")
+    for i in range(len(START_BINS) - 1):
+        n = failed[i, False] + failed[i, True]
+        print(f"  {START_BINS[i]:3.0f}-{min(START_BINS[i + 1], 180):3.0f}  {n:4d} ({failed[i, True]})")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ overall and by |angle| from the heading to the gold (degrees), with each bin's s
 
     python benchmarks/probe_action.py --ckpt runs/curriculum/imitation/best
     python benchmarks/probe_action.py --ckpt runs/curriculum/image/best --scenes 300 --steps 1000
+    python benchmarks/probe_action.py --ckpt runs/curriculum/turn/best --oracle-backward   # the oracle that reverses
 """
 import argparse
 import math
@@ -79,6 +80,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle-backward", action="store_true",
+                   help="the oracle that may also reverse (rl_fake_traces.py --oracle-backward): its episodes and actions")
     a = p.parse_args(argv)
     if not 0 < a.held_out < 1 or round(a.scenes * a.held_out) in (0, a.scenes):
         raise core.UsageError(f"--held-out {a.held_out} of --scenes {a.scenes} leaves no scene to train or to hold out")
@@ -92,7 +95,7 @@ def main(argv=None):
     rng = np.random.default_rng(a.seed)
     offsets = rng.uniform(game.MIN_BARE_OFFSET, a.offset, a.scenes)
     scenes = [game.random_bare_settings(rng, max_agent_offset=o) for o in offsets]
-    r = core.rollout(scenes, "oracle", brain.cfg.img_size, "cpu", seq_len=brain.cfg.seq_len)
+    r = core.rollout(scenes, "oracle", brain.cfg.img_size, "cpu", seq_len=brain.cfg.seq_len, backward=a.oracle_backward)
     states, episode, _ = r.flat()
     labels = r.labels[r.taken]                                   # the same (episode, step) order as flat()
     names = [game.ACTION_NAMES[core.ACTION_TOKENS.index(int(t))] for t in labels.unique()]

@@ -123,6 +123,9 @@ def test_quick_curriculum_stopped_twice_and_run_again_teaches_every_skill_and_re
     phrasings = core.QA_FAMILIES["agent_above_below"]["questions"]["heldout"]      # QA by phrasing, too
     assert all(("qa", f'accuracy: agent_above_below, "{q}"') in rows for q in phrasings)
     assert ("qa", "answered in another family's words: turn") in rows
+    oracles = [float(rows["agent", f"success @0.3: baseline oracle{kind}"][-1].rstrip("%"))
+               for kind in ("", ", backward allowed")]          # both oracles beside the agent, on its scenes
+    assert oracles[1] >= oracles[0] > 50, oracles
     first_column = {s: cells[0] for (s, _), cells in rows.items()}
     assert first_column["image"] != "not trained" and first_column["text"] == "not trained"    # image pretraining
     for name in ("reconstructions", "lines", "qa", "trajectories", "curves"):

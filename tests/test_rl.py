@@ -112,6 +112,9 @@ def test_agent_evaluation_measures_the_baselines_in_the_same_run():
     m = core.evaluate_agent(None, 32, "cpu", offsets=(0.3,), n=32)
     assert m["oracle_success@0.3"] > 0.8 > m["random_success@0.3"]
     assert m["oracle_actions@0.3"] < 31
+    # reversing never costs the oracle a scene, and a gold behind the agent costs it fewer actions
+    assert m["oracle_backward_success@0.3"] >= m["oracle_success@0.3"]
+    assert m["oracle_backward_actions@0.3"] < m["oracle_actions@0.3"]
 
 
 def rl_args(run_dir, steps, *extra):
@@ -203,6 +206,15 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
     # the share of the steps that took one of the shortest ways on (game.action_values), overall and by angle
     overall = float(re.search(r"one of the shortest ways on ([\d.]+)%", out).group(1))
     assert abs(sum(o * n for o, n in rows) / steps - overall) < 0.1, out
+    # the failed episodes by the gold's angle at the start: every failure once, the oracle's failures among them
+    failed = [(int(n), int(o)) for n, o in re.findall(r"^ +\d+- *\d+ +(\d+) \((\d+)\)$", out, re.M)]
+    assert len(failed) == 4 and sum(n for n, _ in failed) == 6 - round(greedy["greedy_success@0.3"] * 6) and all(o <= n for n, o in failed), out
+    # against the oracle that may reverse: its labels (backward among them) and its shortest ways on
+    back = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "imitation", "--offset", 0.3,
+                      "--scenes", 6, "--oracle-backward").stdout
+    assert "against the oracle that may reverse" in back and f"success {greedy['greedy_success@0.3']:.0%}" in back
+    by_action = sum(int(n) for n in re.findall(r"^  (?:forward|backward|left|right) +[\d.]+% \((\d+)\)", back, re.M))
+    assert by_action == int(re.search(r"steps (\d+), agreeing", back).group(1)), back
     missing = run_script("benchmarks/agent_steps.py", "--ckpt", tmp_path / "nothing", check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
 
@@ -224,6 +236,10 @@ def test_the_action_probe_reads_the_oracle_s_action_from_the_keypoint_token_and_
         shares = [float(s) for s in re.findall(r"(\d+)% \(", cells)]
         assert sum(counts) == held > 0 and 0 <= float(overall) <= 100 and all(0 <= s <= 100 for s in shares)
         assert len(cells.split("|")) == 6, out                                      # six angle bins
+    assert "backward" not in out.split("\n")[0], out                    # the forward-only oracle's actions
+    back = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "run", "--scenes", 10, "--held-out", 0.3,
+                      "--steps", 5, "--batch-size", 16, "--oracle-backward").stdout
+    assert re.search(r"actions .*backward \d+", back.split("\n")[0]), back        # the oracle that reverses
     bad = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "run", "--held-out", 1.5, check=False)
     assert bad.returncode == 2 and "--held-out 1.5" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_script("benchmarks/probe_action.py", "--ckpt", tmp_path / "none", check=False)
