@@ -72,8 +72,8 @@ def episode_returns(rollout, gamma):
 
 
 def main(argv=None):
-    # lr 3e-5: from the 144 px imitation brains (8 groups of 8 a round, 12 rounds, three seeds), 1e-4 lost 11-16
-    # points of greedy success at offset 0.3 and 3e-5 lost 0-3 (README, "Twentieth session")
+    # lr 3e-5: from the 144 px imitation brains (8 groups of 8 a round, 12 rounds, three seeds), 1e-4 lost 8-15
+    # points of greedy success at offset 0.3 (200 scenes) and 3e-5 lost -1 to 7 (README, "Twentieth session")
     parser = core.stage_parser(__doc__, steps=300, batch_size=16, lr=3e-5, warmup=10, log_every=1,
                                eval_every=25, save_every=5)
     g = parser.add_argument_group("GRPO (batch-size = start scenes, i.e. groups, per round; steps = rounds)")
