@@ -42,6 +42,11 @@ START_BINS = (0, 45, 90, 135, 180.01)
 NAMES = {core.ACTION_TOKENS[a]: game.ACTION_NAMES[a] for a in core.POLICY_ACTIONS} | {core.EOS: "</s>"}
 
 
+def bin_of(value, bins):
+    """The index i of the bin bins[i] <= value < bins[i + 1]."""
+    return next(i for i in range(len(bins) - 1) if value < bins[i + 1])
+
+
 def episode_end(actions, distances, success, limit=game.MAX_ACTIONS):
     """How an episode ended: success, </s> before the action limit, or at the limit (</s> as its last action
     included) after turning back and forth, after passing the gold, or otherwise."""
@@ -89,21 +94,20 @@ def main(argv=None):
     for b in range(len(scenes)):
         steps = int(r.steps[b])
         actions = [NAMES[int(x)] for x in r.text[b, 1: steps + 1]]
-        distances = []
+        distances, degrees = [], []
         for t in range(steps):
             facts = game.scene_facts(r.states[t][b])
             distances.append(facts["distance"])
+            degrees.append(abs(math.degrees(facts["angle"])))
             want, got = NAMES[int(r.labels[b, t])], actions[t]
             confusion[want, got] += 1
             by_oracle[want, want == got] += 1
-            degrees = abs(math.degrees(facts["angle"]))
-            bin_ = next(i for i in range(len(ANGLE_BINS) - 1) if degrees < ANGLE_BINS[i + 1])
+            bin_ = bin_of(degrees[t], ANGLE_BINS)
             by_angle[bin_, want == got] += 1
             optimal[bin_] += got in best[b, t]
         ends[episode_end(actions, distances, bool(r.success[b]))] += 1
         if not r.success[b]:
-            start = abs(math.degrees(game.scene_facts(r.states[0][b])["angle"]))
-            failed[next(i for i in range(len(START_BINS) - 1) if start < START_BINS[i + 1]), not oracle[b]] += 1
+            failed[bin_of(degrees[0], START_BINS), not oracle[b]] += 1
 
     total = sum(confusion.values())
     agree = sum(n for (w, g), n in confusion.items() if w == g)
