@@ -88,7 +88,7 @@ def main(argv=None):
     brain = run.build(run.tokenizer)      # the brain's vocabulary follows the pretrained tokenizer
     core.check_init_parts(run.origins, run.tokenizer, NEEDS, "trick_line")
     tokenizer, size, B = run.tokenizer, run.cfg.img_size, args.batch_size
-    replay, probe = core.forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
+    replay, probe = core.forgetting_baseline(run, brain, args)
     controls = control_sentences(tokenizer, replay)
     prompts = tokenizer.encode(core.LINE_PROMPTS["train"], run.cfg.seq_len).to(run.device)
     eval_rng = core.heldout_rng(0, salt=3)

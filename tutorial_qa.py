@@ -174,7 +174,7 @@ def main(argv=None):
     core.check_init_parts(run.origins, run.tokenizer, NEEDS, "tutorial_qa")
     tokenizer, size, L = run.tokenizer, run.cfg.img_size, run.cfg.seq_len
     check_lengths(tokenizer, L)
-    replay, probe = core.forgetting_baseline(run, brain, args.replay_sentences, args.eval_frames)
+    replay, probe = core.forgetting_baseline(run, brain, args)
     scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4))
     # asked a few families, the brain keeps the others by answering them about a few scenes a batch
     qa = tokenizer if args.qa_weight > 0 and set(args.families) != set(FAMILY_ORDER) else None

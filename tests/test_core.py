@@ -1,4 +1,5 @@
 """core.py by example: the brain's calls, the tokenizer, checkpoints, and the run plumbing."""
+import argparse
 import glob
 import json
 import os
@@ -375,6 +376,27 @@ def test_clear_errors_not_tracebacks(tmp_path):
     (tmp_path / "other" / "pretrain_text_20250101T000000000Z_batch00000001.pt").write_bytes(b"x")
     other = run_toy(tmp_path, "--run-dir", str(tmp_path / "other"), check=False)
     assert other.returncode == 2 and "another stage" in other.stderr
+
+
+def test_counts_out_of_range_are_refused_by_name(tmp_path):
+    bad = run_toy(tmp_path, "--steps", "0", check=False)
+    assert bad.returncode == 2 and "--steps: must be 1 or more, not 0" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_toy(tmp_path, "--eval-every", "-5", check=False)
+    assert bad.returncode == 2 and "--eval-every: must be 0 or more, not -5" in bad.stderr
+    bad = run_toy(tmp_path, "--batch-size", "eight", check=False)
+    assert bad.returncode == 2 and "--batch-size: not a whole number: 'eight'" in bad.stderr
+    bad = run_script("trick_line.py", "--run-dir", tmp_path / "line", "--replay-sentences", "0", check=False)
+    assert bad.returncode == 2 and "--replay-sentences: must be 1 or more, not 0" in bad.stderr
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "line")    # nothing was started
+
+
+def test_replay_bank_follows_the_run_length():
+    def count(steps, text_batch=32, given=None):
+        return core.replay_count(argparse.Namespace(steps=steps, text_batch=text_batch, replay_sentences=given))
+    assert count(1500) == 16384               # 48,000 draws: each sentence about three times
+    assert count(400) == 12800                # one sentence per draw
+    assert count(12) == 1024                  # a short run still gets a bank worth measuring
+    assert count(1500, given=64) == 64        # --replay-sentences wins
 
 
 def test_ddp_two_processes_keep_identical_weights(tmp_path):
