@@ -1937,8 +1937,8 @@ def replay_count(args):
     default one per sentence the run's text loss will draw (--steps x --text-batch), within 1,024-16,384.
     A bank the run draws many times over is learned by heart: with 1,024 sentences, 1,500 batches of
     imitation drew each 47 times, the text loss on them fell to 2-3 nats while on held-out sentences it rose
-    from 5.8 to 9.8 (worse than a unigram model's 6.2); with 16,384 it stayed at 5.8-5.9 (README, "Language
-    kept through imitation")."""
+    from 5.8 to 9.8 (worse than a unigram model's 6.2); with 16,384 it stayed at 5.7-5.9 (README, "Twenty-first
+    session: language kept through imitation")."""
     if args.replay_sentences is not None:
         return args.replay_sentences
     return min(16384, max(1024, args.steps * args.text_batch))
