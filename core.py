@@ -1932,25 +1932,27 @@ def replayed_line(run, brain, args):
     return run.tokenizer
 
 
-def replay_count(args):
+def replay_count(args, text_trains=True):
     """How many sentences forgetting_baseline has the text model write to train on: --replay-sentences, or by
-    default one per sentence the run's text loss will draw (--steps x --text-batch), within 1,024-16,384.
+    default one per sentence the run's text loss will draw (--steps x --text-batch), within 1,024-16,384;
+    1,024 when no text part trains (text_trains False: keeping_loss skips the text loss, and the bank serves
+    only as the line trick's control sentences, so a larger one would be written for nothing).
     A bank the run draws many times over is learned by heart: with 1,024 sentences, 1,500 batches of
     imitation drew each 47 times, the text loss on them fell to 2-3 nats while on held-out sentences it rose
     from 5.8 to 9.8 (worse than a unigram model's 6.2); with 16,384 it stayed at 5.7-5.9 (README, "Twenty-first
     session: language kept through imitation")."""
     if args.replay_sentences is not None:
         return args.replay_sentences
-    return min(16384, max(1024, args.steps * args.text_batch))
+    return min(16384, max(1024, args.steps * args.text_batch)) if text_trains else 1024
 
 
 def forgetting_baseline(run, brain, args):
-    """Before a skill stage, from the --init-from brain: replay_count(args) sentences its text model writes
+    """Before a skill stage, from the --init-from brain: replay_count(...) sentences its text model writes
     (to train on), and the forgetting probe on --eval-frames of the image pretraining's held-out frames and
     of the text pretraining's held-out sentences (or, for a checkpoint that carries none, more sentences the
     text model writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run
     trains on and compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
-    n_replay, n_heldout = replay_count(args), args.eval_frames
+    n_replay, n_heldout = replay_count(args, trains(brain, "text_enc", "text_dec")), args.eval_frames
     frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0), run.device)
     if "replay" not in run.cursor:
         g = torch.Generator(device=run.device)

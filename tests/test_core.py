@@ -391,12 +391,14 @@ def test_counts_out_of_range_are_refused_by_name(tmp_path):
 
 
 def test_replay_bank_follows_the_run_length():
-    def count(steps, text_batch=32, given=None):
-        return core.replay_count(argparse.Namespace(steps=steps, text_batch=text_batch, replay_sentences=given))
+    def count(steps, text_batch=32, given=None, text_trains=True):
+        return core.replay_count(argparse.Namespace(steps=steps, text_batch=text_batch, replay_sentences=given),
+                                 text_trains)
     assert count(1500) == 16384               # 48,000 draws: each sentence about three times
     assert count(400) == 12800                # one sentence per draw
     assert count(12) == 1024                  # a short run still gets a bank worth measuring
     assert count(1500, given=64) == 64        # --replay-sentences wins
+    assert count(1500, text_trains=False) == 1024      # a frozen text model is not trained on them
 
 
 def test_ddp_two_processes_keep_identical_weights(tmp_path):
