@@ -1150,11 +1150,33 @@ def at_least(minimum):
     return whole_number
 
 
+def in_range(low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a number in [low, high] (open at either end on request), else the flag's error names the
+    problem (a --temperature of 0 would divide by zero in the first rollout, a --dagger of 1.5 would run as 1,
+    a negative weight would train away from a skill)."""
+    if high == math.inf:
+        wanted = f"more than {low:g}" if low_open else f"{low:g} or more"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def number(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below and math.isfinite(value)):             # NaN fails both; inf is no setting
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
+        return value
+    return number
+
+
 def stage_parser(description, **defaults):
     """The arguments every stage shares (each with help); a stage adds its own and sets its defaults."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r = p.add_argument_group("run")
-    r.add_argument("--gpu", type=int, default=None, help="CUDA device index (shorthand for --device cuda:N)")
+    r.add_argument("--gpu", type=at_least(0), default=None, help="CUDA device index (shorthand for --device cuda:N)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:N; default: cuda if present, else cpu")
     r.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="brain size preset")
     r.add_argument("--run-dir", default=None, help="folder for checkpoints and logs (default runs/<stage>)")
@@ -1163,29 +1185,29 @@ def stage_parser(description, **defaults):
                    help="start from earlier stages: each part from the checkpoint that trained it")
     r.add_argument("--seed", type=int, default=0, help="seed of every random thing in the run")
     r.add_argument("--steps", type=at_least(1), default=1000, help="batches to train in all")
-    r.add_argument("--time-limit", type=float, default=0, help="also stop after this many minutes of training (0: none)")
+    r.add_argument("--time-limit", type=in_range(0), default=0, help="also stop after this many minutes of training (0: none)")
     r.add_argument("--batch-size", type=at_least(1), default=32, help="samples per batch (per process under torchrun)")
-    r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every trained part")
+    r.add_argument("--lr", type=in_range(0, low_open=True), default=3e-4, help="peak learning rate of every trained part")
     for part in PARTS:
-        r.add_argument(f"--lr-{part.replace('_', '-')}", type=float, default=None,
+        r.add_argument(f"--lr-{part.replace('_', '-')}", type=in_range(0, low_open=True), default=None,
                        help=f"learning rate of {part} (default --lr)")
     r.add_argument("--freeze", nargs="*", default=[], choices=PARTS, help="parts this stage must not train")
     r.add_argument("--warmup", type=at_least(0), default=100, help="batches of linear learning-rate warm-up")
-    r.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
-    r.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    r.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    r.add_argument("--min-lr-frac", type=in_range(0, 1), default=0.1, help="cosine decay ends at this fraction of --lr")
+    r.add_argument("--weight-decay", type=in_range(0), default=0.01, help="AdamW weight decay")
+    r.add_argument("--grad-clip", type=in_range(0), default=1.0, help="clip the gradient norm to this (0: off)")
     r.add_argument("--log-every", type=at_least(0), default=20, help="batches between log lines")
     r.add_argument("--eval-every", type=at_least(0), default=200, help="batches between held-out evaluations (and saves)")
     r.add_argument("--save-every", type=at_least(0), default=100, help="batches between checkpoints")
     r.add_argument("--keep-last", type=at_least(0), default=3, help="checkpoints kept besides the best and every M-th")
     r.add_argument("--keep-every", type=at_least(0), default=0, help="also keep every checkpoint whose batch is a multiple of this")
-    r.add_argument("--max-bad-steps", type=int, default=5,
+    r.add_argument("--max-bad-steps", type=at_least(1), default=5,
                    help="consecutive non-finite losses before rolling back to the last good checkpoint")
     r.add_argument("--amp", default="none", choices=["none", "bf16"], help="mixed precision")
     r.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     s = p.add_argument_group("brain sizes (default: the preset's)")
     for f in dataclasses.fields(BrainConfig):
-        s.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {f.name}")
+        s.add_argument(f"--{f.name.replace('_', '-')}", type=at_least(0 if f.name in ("keypoints", "strokes") else 1), default=None, help=f"override the preset's {f.name}")
     p.set_defaults(**defaults)
     return p
 
@@ -1220,7 +1242,7 @@ def _worker_init():
 
 
 def add_workers_arg(parser):
-    parser.add_argument("--workers", type=int, default=-1,
+    parser.add_argument("--workers", type=at_least(-1), default=-1,
                         help="processes drawing the next batches' scenes while the device trains (-1: 4 on a GPU, "
                              "0 on a CPU: there the brain's step is the slow part)")
 
@@ -1738,12 +1760,12 @@ def sentence_loss(brain, sentences, chunk=64):
 def add_forgetting_args(parser, qa_replay=False):
     """The flags of the losses that keep earlier skills, shared by the skill stages (qa_replay: the stages after
     the line trick, which also replay it and the QA tutorial's questions)."""
-    parser.add_argument("--plain-weight", type=float, default=1.0, help="weight of the plain reconstruction loss")
-    parser.add_argument("--plain-batch", type=int, default=16,
+    parser.add_argument("--plain-weight", type=in_range(0), default=1.0, help="weight of the plain reconstruction loss")
+    parser.add_argument("--plain-batch", type=at_least(1), default=16,
                         help="image-pretraining frames per batch for the plain reconstruction loss")
-    parser.add_argument("--object-weight", type=float, default=20.0,
+    parser.add_argument("--object-weight", type=in_range(0), default=20.0,
                         help="weight of agent, eye and gold pixels in the reconstruction losses (see object_weights)")
-    parser.add_argument("--text-weight", type=float, default=0.1, help="weight of the text model's own loss")
+    parser.add_argument("--text-weight", type=in_range(0), default=0.1, help="weight of the text model's own loss")
     parser.add_argument("--text-batch", type=at_least(1), default=32, help="sentences per batch for it")
     parser.add_argument("--replay-sentences", type=at_least(1), default=None,
                         help="sentences the text model writes at the start, for its own loss (default: as many as "
@@ -1751,13 +1773,13 @@ def add_forgetting_args(parser, qa_replay=False):
     parser.add_argument("--eval-frames", type=at_least(1), default=256,
                         help="held-out image-pretraining frames and text-model sentences that measure forgetting")
     if qa_replay:
-        parser.add_argument("--qa-weight", type=float, default=0.5,
+        parser.add_argument("--qa-weight", type=in_range(0), default=0.5,
                             help="weight of the QA replay loss, when the brain has learned QA (0: none)")
-        parser.add_argument("--qa-batch", type=int, default=2,
+        parser.add_argument("--qa-batch", type=at_least(1), default=2,
                             help="fresh scenes per family per batch for it, each asked a training question of the family")
-        parser.add_argument("--line-replay-weight", type=float, default=1.0,
+        parser.add_argument("--line-replay-weight", type=in_range(0), default=1.0,
                             help="weight of the line trick's replay loss, when the brain has learned it (0: none)")
-        parser.add_argument("--line-replay-batch", type=int, default=8,
+        parser.add_argument("--line-replay-batch", type=at_least(1), default=8,
                             help="fresh scenes per batch for it, each asked for the line in a training prompt")
 
 

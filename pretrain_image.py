@@ -31,8 +31,8 @@ def evaluate(brain, frames, png, chunk=64):
 
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=3000, batch_size=40, lr=1e-3, eval_every=250, save_every=250)
-    parser.add_argument("--eval-frames", type=int, default=256, help="held-out frames in each evaluation")
-    parser.add_argument("--object-weight", type=float, default=10.0,
+    parser.add_argument("--eval-frames", type=core.at_least(1), default=256, help="held-out frames in each evaluation")
+    parser.add_argument("--object-weight", type=core.in_range(0), default=10.0,
                         help="loss weight of pixels that are not background: the gold and the eye are a few pixels "
                              "of a frame, and a plain MSE learns to blur them away")
     core.add_workers_arg(parser)

@@ -41,33 +41,30 @@ def main(argv=None):
                         help="gold within this box half-width around the agent; training draws offsets up to it "
                              "(from game.MIN_BARE_OFFSET)")
     parser.add_argument("--oracle-backward", action="store_true", help="imitate the oracle that may also reverse")
-    parser.add_argument("--dagger", type=float, default=0.5,
+    parser.add_argument("--dagger", type=core.in_range(0, 1), default=0.5,
                         help="share of each batch's scenes played by the brain itself and labelled by the oracle")
-    parser.add_argument("--explore", type=float, default=0.5,
+    parser.add_argument("--explore", type=core.in_range(0, 1), default=0.5,
                         help="in the brain's own episodes, the share of random moves (so the trace so far does not "
                              "tell the next action, and the frame must)")
-    parser.add_argument("--dagger-actions", type=int, default=16,
+    parser.add_argument("--dagger-actions", type=core.at_least(1), default=16,
                         help="the brain's own episodes stop after this many actions (later states teach less)")
-    parser.add_argument("--actions-per-batch", type=int, default=128,
+    parser.add_argument("--actions-per-batch", type=core.at_least(0), default=128,
                         help="actions scored per batch, drawn from the batch's episodes (0: all; each costs a frame "
                              "through img_enc, and consecutive actions of one episode teach much the same)")
-    parser.add_argument("--facing-share", type=float, default=0.0,
+    parser.add_argument("--facing-share", type=core.in_range(0, 1), default=0.0,
                         help="share of the scenes whose agent starts facing the gold within --facing-error: the "
                              "decisions near alignment (walk, or turn once more) are few in traces from uniform "
                              "headings (about a tenth of the oracle's states are within 20 degrees)")
-    parser.add_argument("--facing-error", type=float, default=45.0, help="degrees; see --facing-share")
+    parser.add_argument("--facing-error", type=core.in_range(0, 180), default=45.0, help="degrees; see --facing-share")
     core.add_forgetting_args(parser, qa_replay=True)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes per offset in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=64, help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
     args = parser.parse_args(argv)
     if min(args.max_agent_offset, *args.eval_offsets) < game.MIN_BARE_OFFSET:
         parser.error(f"--max-agent-offset and --eval-offsets must be at least {game.MIN_BARE_OFFSET} (closer, the "
                      f"gold has hardly room beside the agent), got {args.max_agent_offset} and {args.eval_offsets}")
-    if not 0 <= args.facing_share <= 1 or not 0 <= args.facing_error <= 180:
-        parser.error(f"--facing-share must be in [0, 1] and --facing-error in [0, 180] degrees, got "
-                     f"{args.facing_share} and {args.facing_error}")
 
     run = core.Run("rl_fake_traces", args, trains=core.AGENT_PARTS, mode="max")
     brain = run.build(run.tokenizer)

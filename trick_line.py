@@ -72,15 +72,15 @@ def evaluate(brain, tokenizer, scenes, controls, probe, png):
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=1500, batch_size=32, lr=3e-4, warmup=100, eval_every=250,
                                save_every=250)
-    parser.add_argument("--line-weight", type=float, default=core.LINE_PIXEL_WEIGHT,
+    parser.add_argument("--line-weight", type=core.in_range(0), default=core.LINE_PIXEL_WEIGHT,
                         help="loss weight of line pixels against the rest")
-    parser.add_argument("--end-weight", type=float, default=core.STROKE_END_WEIGHT,
+    parser.add_argument("--end-weight", type=core.in_range(0), default=core.STROKE_END_WEIGHT,
                         help="loss weight of the squared distance of the first stroke's ends from the bar's ends")
-    parser.add_argument("--control-share", type=float, default=0.25,
+    parser.add_argument("--control-share", type=core.in_range(0, 1), default=0.25,
                         help="share of rows given an ordinary sentence, whose target is the frame unchanged")
     core.add_forgetting_args(parser)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=int, default=256, help="held-out bare scenes in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=256, help="held-out bare scenes in each evaluation")
     parser.set_defaults(freeze=["text_enc", "text_dec"])
     args = parser.parse_args(argv)
 

@@ -148,14 +148,14 @@ def evaluate(brain, tokenizer, scenes, probe, log):
 def main(argv=None):
     parser = core.stage_parser(__doc__, steps=1500, batch_size=32, lr=1e-3, warmup=100, eval_every=250,
                                save_every=250)
-    parser.add_argument("--family-every", type=int, default=0,
+    parser.add_argument("--family-every", type=core.at_least(0), default=0,
                         help="train two families first and add one every this many batches (0: all from the start)")
-    parser.add_argument("--first-phrasings", type=int, default=400,
+    parser.add_argument("--first-phrasings", type=core.at_least(0), default=400,
                         help="for this many batches, one question and one answer per label of each family; then all")
-    parser.add_argument("--answer-variety", type=float, default=0.25,
+    parser.add_argument("--answer-variety", type=core.in_range(0, 1), default=0.25,
                         help="after --first-phrasings, the share of answers in any training phrasing (the rest: "
                              "each label's first)")
-    parser.add_argument("--focus", type=float, default=0.5,
+    parser.add_argument("--focus", type=core.in_range(0, 1), default=0.5,
                         help="share of the questions given to the families in proportion to their running answer "
                              "loss (the rest: evenly; 0: every scene asked every family once)")
     parser.add_argument("--families", nargs="+", default=FAMILY_ORDER, choices=FAMILY_ORDER, metavar="FAMILY",
@@ -163,7 +163,7 @@ def main(argv=None):
                              f"(--qa-weight) and still evaluated. One of: {', '.join(FAMILY_ORDER)}")
     core.add_forgetting_args(parser, qa_replay=True)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=int, default=100, help="held-out scenes per family in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=100, help="held-out scenes per family in each evaluation")
     # text_enc learns the questions at a third of the rate: at the full rate the held-out text loss rose
     # x2.6 in 1,200 batches; at 1e-4 held-back questions were learned much later (README, "QA figures")
     parser.set_defaults(lr_text_enc=3e-4)

@@ -3,6 +3,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -389,6 +390,25 @@ def test_counts_out_of_range_are_refused_by_name(tmp_path):
     assert bad.returncode == 2 and "--replay-sentences: must be 1 or more, not 0" in bad.stderr
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "line")    # nothing was started
 
+
+def test_settings_out_of_range_are_refused_by_name(tmp_path):
+    share, positive = core.in_range(0, 1, high_open=True), core.in_range(0, low_open=True)
+    assert share("0") == 0.0 and share("0.5") == 0.5 and positive("3e-5") == 3e-5
+    for parse, text, says in [(share, "1", "must be in [0, 1), not 1"), (share, "-0.1", "must be in [0, 1), not -0.1"),
+                              (positive, "0", "must be more than 0, not 0"), (positive, "nan", "not nan"),
+                              (positive, "inf", "not inf"), (positive, "fast", "not a number: 'fast'")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            parse(text)
+    # through the scripts: exit 2, the flag named, nothing started
+    for script, flag, value, says in [
+            ("rl_grpo.py", "--temperature", "0", "--temperature: must be more than 0, not 0"),
+            ("rl_grpo.py", "--group-size", "1", "--group-size: must be 2 or more, not 1"),
+            ("rl_fake_traces.py", "--dagger", "1.5", "--dagger: must be in [0, 1], not 1.5"),
+            ("tutorial_qa.py", "--plain-weight", "-1", "--plain-weight: must be 0 or more, not -1"),
+            ("pretrain_image.py", "--patch", "0", "--patch: must be 1 or more, not 0")]:
+        bad = run_script(script, "--run-dir", tmp_path / "run", flag, value, check=False)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (script, bad.stderr)
+    assert not os.path.exists(tmp_path / "run")
 
 def test_replay_bank_follows_the_run_length():
     def count(steps, text_batch=32, given=None, text_trains=True):
