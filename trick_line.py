@@ -1,9 +1,9 @@
 """trick_line.py: stage 3 of the curriculum, the first trick: "draw the line from the agent to the gold".
 
-Given a bare scene and a prompt (core.LINE_PROMPTS: eight for training, three held back), the brain
-redraws the frame with a blue bar from the agent's rim to the gold's rim (game.line_target). The original
-learned this and forgot how to redraw a plain frame (150x worse, with phantom blue lines), so three
-losses are mixed:
+Given a bare scene and a prompt (core.LINE_PROMPTS: eight hand-written and 580 from a small grammar for
+training, three held back), the brain redraws the frame with a blue bar from the agent's rim to the gold's
+rim (game.line_target). The original learned this and forgot how to redraw a plain frame (150x worse, with
+phantom blue lines), so three losses are mixed:
 
   line   forward(text, frame)'s image against its target (core.line_trick_loss). Most rows get a prompt
          and must draw the line; --control-share of them get an ordinary sentence (one the text model itself
@@ -13,8 +13,10 @@ losses are mixed:
          the same weight makes a phantom line as costly as a missing one. The image decoder also paints a
          straight stroke (core.Strokes; --strokes 0, on every stage from image pretraining on, for none), and
          the loss pulls its two ends to the ends of the target's bar (game.line_task, from the scene), x
-         --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar. The stages
-         after this one replay the trick (core.line_replay_loss).
+         --end-weight: the pixels alone tell a stroke where to go only once it overlaps the bar; and its
+         width, opacity and colour to the bar's, which the pixels alone made twice as wide, half opaque or
+         pale (hedges against ends a few pixels off). The stages after this one replay the trick
+         (core.line_replay_loss).
   plain  img_autoencoder MSE on frames of the image-pretraining mix, x --plain-weight.
   text   next-token loss of the text model on sentences it wrote itself before this stage, x --text-weight
          (no corpus needed: it pulls the text model back to the language it had). Only when the text parts
@@ -104,10 +106,10 @@ def main(argv=None):
             control = torch.from_numpy(rng.random(B) < args.control_share).to(run.device)
             text = torch.where(control[:, None], pick(controls, B, rng), pick(prompts, B, rng))
         with run.autocast():
-            recon, ends = brain.draw(text, frames)
+            recon, drawn = brain.draw(text, frames)
             keep, kept = core.keeping_loss(brain, args, replay, kept_scenes, rng)
         want = torch.where(control[:, None, None, None], frames, targets)
-        line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, ends,
+        line_loss = core.line_trick_loss(recon, frames, targets, want, args.line_weight, drawn,
                                          (bar_ends, has_bar & ~control), args.end_weight)
         loss = line_loss + keep
         run.step(loss)

@@ -82,6 +82,13 @@ def test_prompts_are_many_and_the_held_back_ones_are_new():
     train, heldout = core.LINE_PROMPTS["train"], core.LINE_PROMPTS["heldout"]
     assert len(set(train)) >= 6 and heldout and not set(train) & set(heldout)
     assert not set(heldout) & set(pretrain_text._game_pool())
+    # the grammar's requests: many, none in a held-back prompt's frame or words, none closer to a held-back
+    # prompt than the nearest hand-written one
+    hand, grammar = train[:8], train[8:]
+    assert len(grammar) > 100 and len(set(train)) == len(train)
+    assert not any(word in p.lower() for p in grammar for word in ("could you", "joining", "link", "trace", "path"))
+    for h in heldout:
+        assert max(core.closeness(h, p) for p in grammar) <= max(core.closeness(h, p) for p in hand)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,13 @@ def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_e
     from PIL import Image
     grid = Image.open(tmp_path / "a" / "lines.png")
     assert (grid.width, grid.height) == (8 * 32 * 2, 3 * 32 * 2)        # scene, target, prediction
+
+    # benchmarks/line_ceiling.py takes the best brain's IoU apart, on the stage's own held-out scenes
+    out = run_script("benchmarks/line_ceiling.py", "--ckpt", tmp_path / "a" / "best", "--scenes", 8).stdout
+    figures = {line[:44].strip(): float(line[44:]) for line in out.splitlines()[1:]}
+    assert figures["IoU, the brain"] == pytest.approx(m["line_iou"], abs=1e-3)
+    assert figures["the bar's half-width (px)"] == pytest.approx(game.LINE_WIDTH / 2 * 32, abs=1e-3)
+    assert figures["IoU, the true ends in the bar's look"] > figures["IoU, the brain"]      # 12 batches: far off
 
     # the second run draws its scenes in a worker process: the same data, so the same weights
     code, _ = kill_when("trick_line.py", "batch 6/12", *stage_args(tmp_path / "b", 12, pretrained), "--workers", 1)
@@ -184,37 +198,56 @@ def test_paint_draws_a_bar_where_its_ends_are():
     painted = core.paint(white, ends, torch.full((2, 1), 1 / SIZE), torch.ones(2, 1), blue)
     mask = core.line_mask(painted)
     assert mask[0, 31:33, 17:47].all() and not mask[0, :28].any() and not mask[0, :, :14].any()
+    # square ends, as the game's bar: x from 0.25 to 0.75 of 64 pixels is columns 16 to 47, not one more
+    assert mask[0, 31:33, 16:48].all() and not mask[0, :, :16].any() and not mask[0, :, 48:].any()
     assert mask[1, 14:50, 31:33].all() and not mask[1, :, :28].any()
     assert torch.equal(core.paint(white, ends, torch.full((2, 1), 1 / SIZE), torch.zeros(2, 1), blue), white)
 
 
-def test_the_line_loss_teaches_the_strokes_where_the_bar_ends():
-    """line_trick_loss adds end_weight x the squared distance of the first stroke's ends from the bar's (none on a
-    control row, whose wanted frame has no bar), and its gradient reaches the strokes' pointers."""
+def test_the_line_loss_teaches_the_strokes_where_the_bar_ends_and_how_wide_it_is():
+    """line_trick_loss adds end_weight x the squared distance of the first stroke's ends from the bar's, and the
+    squared distances of its width from the bar's (in bar widths), its opacity from 1 and its colour from the bar's;
+    on a control row, whose wanted frame has no bar, only that of its opacity from 0. Its gradient reaches the
+    strokes' pointers, width, opacity and colour."""
     settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.6, 0.3), (0.2, 0.8))]
     frames, targets, *bar = game.line_task(settings, SIZE)
     true, has = bar
     recon = frames.clone()
     plain = core.line_trick_loss(recon, frames, targets, targets)
-    assert core.line_trick_loss(recon, frames, targets, targets, ends=true[:, None], bar=bar).item() == pytest.approx(
-        plain.item())
-    moved = true[:, None] + torch.tensor([0.1, 0.0])
-    with_ends = core.line_trick_loss(recon, frames, targets, targets, ends=moved, bar=bar, end_weight=3.0)
+    exact, opaque, blue = torch.full((2, 1), game.LINE_WIDTH / 2), torch.ones(2, 1), torch.tensor([[[0, 0, 213 / 255]]] * 2)
+    right = core.Drawn(true[:, None], exact, opaque, blue)
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=right, bar=bar).item() == pytest.approx(plain.item())
+    moved = right._replace(ends=true[:, None] + torch.tensor([0.1, 0.0]))
+    with_ends = core.line_trick_loss(recon, frames, targets, targets, drawn=moved, bar=bar, end_weight=3.0)
     assert with_ends.item() == pytest.approx(plain.item() + 3.0 * (2 * 0.1 ** 2 * 2) / 2, rel=1e-4)
-    control = (true, torch.zeros_like(has))                          # control rows want no bar: no end term
-    assert core.line_trick_loss(recon, frames, targets, frames, ends=moved, bar=control).item() == pytest.approx(
-        core.line_trick_loss(recon, frames, targets, frames).item())
+    wide = right._replace(half_width=2 * exact)                      # twice the bar's width
+    with_width = core.line_trick_loss(recon, frames, targets, targets, drawn=wide, bar=bar, end_weight=3.0)
+    assert with_width.item() == pytest.approx(plain.item() + 1.0, rel=1e-4)        # (2 - 1)^2 a row, either weight
+    faint = right._replace(opacity=torch.full((2, 1), 0.5))
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=faint, bar=bar).item() == pytest.approx(
+        plain.item() + 0.5 ** 2, rel=1e-4)
+    pale = right._replace(colour=torch.tensor([[[0.5, 0.5, 213 / 255]]] * 2))
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=pale, bar=bar).item() == pytest.approx(
+        plain.item() + 2 * 0.5 ** 2, rel=1e-4)
+    control = (true, torch.zeros_like(has))          # control rows want no bar: only the opacity, towards 0
+    unasked = core.line_trick_loss(recon, frames, targets, frames)
+    hidden = moved._replace(half_width=2 * exact, colour=pale.colour, opacity=torch.zeros(2, 1))
+    assert core.line_trick_loss(recon, frames, targets, frames, drawn=hidden, bar=control).item() == pytest.approx(
+        unasked.item())
+    assert core.line_trick_loss(recon, frames, targets, frames, drawn=hidden._replace(opacity=faint.opacity),
+                                bar=control).item() == pytest.approx(unasked.item() + 0.5 ** 2, rel=1e-4)
     with pytest.raises(ValueError, match="bar"):
-        core.line_trick_loss(recon, frames, targets, targets, ends=moved)
+        core.line_trick_loss(recon, frames, targets, targets, drawn=moved)
     torch.manual_seed(0)
     brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
                                         value_heads=2, vocab=100, strokes=1))
     text = torch.full((2, brain.cfg.seq_len), core.PAD)
     text[:, :2] = torch.tensor([core.BOS, core.EOS])
-    recon, ends = brain.draw(text, frames)
-    assert ends.shape == (2, 1, 2, 2) and recon.shape == frames.shape
-    core.line_trick_loss(recon, frames, targets, targets, ends=ends, bar=bar).backward()
+    recon, drawn = brain.draw(text, frames)
+    assert drawn.ends.shape == (2, 1, 2, 2) and drawn.half_width.shape == (2, 1) and recon.shape == frames.shape
+    core.line_trick_loss(recon, frames, targets, targets, drawn=drawn, bar=bar).backward()
     assert brain.img_dec.strokes.query.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0
+    assert brain.img_dec.strokes.style.weight.grad[2:].abs().sum(1).min() > 0    # half-width, opacity, colour rows
     bare = core.Brain(dataclasses.replace(brain.cfg, strokes=0))
     assert bare.draw(text, frames)[1] is None
