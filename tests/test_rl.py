@@ -148,10 +148,10 @@ def test_a_few_rounds_and_a_killed_run_resumes_exactly(stage, extra, reads, tmp_
 
 
 @pytest.mark.parametrize("stage,extra,message", [
-    ("rl_fake_traces.py", ["--facing-share", 1.5], "--facing-share must be in [0, 1]"),
+    ("rl_fake_traces.py", ["--facing-share", 1.5], "--facing-share: must be in [0, 1], not 1.5"),
     ("rl_fake_traces.py", ["--max-agent-offset", 0.05], f"must be at least {game.MIN_BARE_OFFSET}"),
     ("rl_grpo.py", ["--offset-start", 0.05], f"must be at least {game.MIN_BARE_OFFSET}"),
-    ("rl_grpo.py", ["--hard-share", 1], "--hard-share must be in [0, 1)")])
+    ("rl_grpo.py", ["--hard-share", 1], "--hard-share: must be in [0, 1), not 1")])
 def test_the_agent_stages_name_bad_offsets_and_shares_before_starting(stage, extra, message, tmp_path):
     bad = run_script(stage, *rl_args(tmp_path / "a", 2, *extra), check=False)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
