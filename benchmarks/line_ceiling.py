@@ -35,7 +35,7 @@ def ceiling(brain, tokenizer, scenes, prompts):
     picture = brain.img_dec(brain.img_enc(frames), brain.text_enc(text), text != core.PAD, strokes=False)
     n = len(scenes)
     bar_look = (torch.full((n, 1), game.LINE_WIDTH / 2), torch.ones(n, 1),
-                (torch.tensor(game.PALETTE[2], dtype=torch.float) / 255).expand(n, 1, 3))
+                (torch.tensor(core.PALETTE["line"], dtype=torch.float) / 255).expand(n, 1, 3))
     own_look = (drawn.half_width[:, :1], drawn.opacity[:, :1], drawn.colour[:, :1])
 
     def iou(img):
