@@ -1207,9 +1207,11 @@ def stage_parser(description, **defaults):
                    help="start from earlier stages: each part from the checkpoint that trained it")
     r.add_argument("--seed", type=int, default=0, help="seed of every random thing in the run")
     r.add_argument("--steps", type=at_least(1), default=1000, help="batches to train in all")
-    r.add_argument("--time-limit", type=in_range(0), default=0, help="also stop after this many minutes of training (0: none)")
+    r.add_argument("--time-limit", type=in_range(0), default=0,
+                   help="also stop after this many minutes of training (0: none)")
     r.add_argument("--batch-size", type=at_least(1), default=32, help="samples per batch (per process under torchrun)")
-    r.add_argument("--lr", type=in_range(0, low_open=True), default=3e-4, help="peak learning rate of every trained part")
+    r.add_argument("--lr", type=in_range(0, low_open=True), default=3e-4,
+                   help="peak learning rate of every trained part")
     for part in PARTS:
         r.add_argument(f"--lr-{part.replace('_', '-')}", type=in_range(0, low_open=True), default=None,
                        help=f"learning rate of {part} (default --lr)")
@@ -1677,7 +1679,8 @@ def _add_line_prompts(prompts):
     """prompts["train"] += the grammar's requests, less those already there and those that read more like a
     held-back prompt than any hand-written training prompt does."""
     nearest = {h: max(closeness(h, p) for p in prompts["train"]) for h in prompts["heldout"]}
-    prompts["train"] += [p for p in line_prompt_grammar() if p not in prompts["train"] + prompts["heldout"]
+    taken = set(prompts["train"] + prompts["heldout"])
+    prompts["train"] += [p for p in line_prompt_grammar() if p not in taken
                          and all(closeness(h, p) <= nearest[h] for h in prompts["heldout"])]
 
 
@@ -1941,7 +1944,8 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     target, has = bar
     d = ((drawn.ends[has, 0].float() - target[has]) ** 2).sum((1, 2))         # the first stroke's two ends
     blue = torch.tensor(PALETTE["line"], dtype=torch.float, device=target.device) / 255
-    look = (2 * drawn.half_width[has, 0].float() / game.LINE_WIDTH - 1) ** 2 + ((drawn.colour[has, 0].float() - blue) ** 2).sum(-1)
+    look = ((2 * drawn.half_width[has, 0].float() / game.LINE_WIDTH - 1) ** 2
+            + ((drawn.colour[has, 0].float() - blue) ** 2).sum(-1))
     shown = (drawn.opacity[:, 0].float() - has.float()) ** 2
     return loss + (end_weight * d.sum() + look.sum() + shown.sum()) / len(want)
 

@@ -357,7 +357,8 @@ def main(argv=None):
                         help="checkpoint files, run folders (newest valid checkpoint) or FOLDER/best; one column each")
     parser.add_argument("--out", default="eval_report", help="folder for report.md and the pictures")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N; default: cuda if present, else cpu")
-    parser.add_argument("--gpu", type=core.at_least(0), default=None, help="CUDA device index (shorthand for --device cuda:N)")
+    parser.add_argument("--gpu", type=core.at_least(0), default=None,
+                        help="CUDA device index (shorthand for --device cuda:N)")
     parser.add_argument("--quick", action="store_true", help="small held-out sets: a smoke test, not a measurement")
     args = parser.parse_args(argv)
     device = core.pick_device(args)

@@ -369,8 +369,10 @@ def main(argv=None):
                         help="Tatoeba exports or plain text files, one sentence per line (default: WordNet "
                              "examples + BSD fortunes + game sentences)")
     parser.add_argument("--lang", default="eng", help="language kept from Tatoeba exports")
-    parser.add_argument("--heldout-frac", type=core.in_range(0, 1, low_open=True, high_open=True), default=0.02, help="share of sentences held out for evaluation")
-    parser.add_argument("--samples", type=core.at_least(0), default=4, help="sentences sampled into the log at each evaluation")
+    parser.add_argument("--heldout-frac", type=core.in_range(0, 1, low_open=True, high_open=True), default=0.02,
+                        help="share of sentences held out for evaluation")
+    parser.add_argument("--samples", type=core.at_least(0), default=4,
+                        help="sentences sampled into the log at each evaluation")
     args = parser.parse_args(argv)
 
     run = core.Run("pretrain_text", args, trains=["text_enc", "text_dec"])

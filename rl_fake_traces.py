@@ -58,7 +58,8 @@ def main(argv=None):
     parser.add_argument("--facing-error", type=core.in_range(0, 180), default=45.0, help="degrees; see --facing-share")
     core.add_forgetting_args(parser, qa_replay=True)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=core.at_least(1), default=64, help="held-out scenes per offset in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=64,
+                        help="held-out scenes per offset in each evaluation")
     parser.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
                         help="max_agent_offset of the held-out scenes")
     args = parser.parse_args(argv)

@@ -77,14 +77,18 @@ def main(argv=None):
     parser = core.stage_parser(__doc__, steps=300, batch_size=16, lr=3e-5, warmup=10, log_every=1,
                                eval_every=25, save_every=5)
     g = parser.add_argument_group("GRPO (batch-size = start scenes, i.e. groups, per round; steps = rounds)")
-    g.add_argument("--group-size", type=core.at_least(2), default=8, help="rollouts of each start scene (G; a group of one has no spread, hence no advantage)")
+    g.add_argument("--group-size", type=core.at_least(2), default=8,
+                   help="rollouts of each start scene (G; a group of one has no spread, hence no advantage)")
     g.add_argument("--epochs", type=core.at_least(1), default=2, help="optimizer steps on each round's rollouts")
-    g.add_argument("--clip", type=core.in_range(0, low_open=True), default=0.2, help="PPO clip range of the probability ratio")
+    g.add_argument("--clip", type=core.in_range(0, low_open=True), default=0.2,
+                   help="PPO clip range of the probability ratio")
     g.add_argument("--kl-coef", type=core.in_range(0), default=0.04,
                    help="KL penalty to the frozen --init-from brain (GRPO's beta; 0: off, and off without --init-from)")
     g.add_argument("--entropy-coef", type=core.in_range(0), default=0.001, help="entropy bonus")
-    g.add_argument("--gamma", type=core.in_range(0, 1, low_open=True), default=0.97, help="return = gamma^(steps-1) on reaching the gold")
-    g.add_argument("--temperature", type=core.in_range(0, low_open=True), default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--gamma", type=core.in_range(0, 1, low_open=True), default=0.97,
+                   help="return = gamma^(steps-1) on reaching the gold")
+    g.add_argument("--temperature", type=core.in_range(0, low_open=True), default=1.0,
+                   help="sampling temperature of the rollouts")
     g.add_argument("--guides", type=core.at_least(0), default=0, help="oracle traces added to each group (0: none)")
     g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
                    help="divide each group's advantages by its std (GRPO) or not (Dr. GRPO)")
@@ -101,9 +105,11 @@ def main(argv=None):
     c.add_argument("--offset-start", type=float, default=0.1, help="max_agent_offset of the first rounds")
     c.add_argument("--offset-max", type=float, default=0.3, help="largest max_agent_offset; also the target of 'best'")
     c.add_argument("--offset-step", type=core.in_range(0), default=0.05, help="growth of the offset")
-    c.add_argument("--grow-at", type=core.in_range(0, 1), default=0.8, help="grow when the success rate over --grow-window rounds reaches this")
+    c.add_argument("--grow-at", type=core.in_range(0, 1), default=0.8,
+                   help="grow when the success rate over --grow-window rounds reaches this")
     c.add_argument("--grow-window", type=core.at_least(1), default=5, help="rounds averaged for the growth decision")
-    c.add_argument("--eval-scenes", type=core.at_least(1), default=64, help="held-out scenes per offset in each evaluation")
+    c.add_argument("--eval-scenes", type=core.at_least(1), default=64,
+                   help="held-out scenes per offset in each evaluation")
     c.add_argument("--eval-offsets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="held-out offsets")
     core.add_forgetting_args(parser, qa_replay=True)
     args = parser.parse_args(argv)

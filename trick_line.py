@@ -82,7 +82,8 @@ def main(argv=None):
                         help="share of rows given an ordinary sentence, whose target is the frame unchanged")
     core.add_forgetting_args(parser)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=core.at_least(1), default=256, help="held-out bare scenes in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=256,
+                        help="held-out bare scenes in each evaluation")
     parser.set_defaults(freeze=["text_enc", "text_dec"])
     args = parser.parse_args(argv)
 

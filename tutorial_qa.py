@@ -163,7 +163,8 @@ def main(argv=None):
                              f"(--qa-weight) and still evaluated. One of: {', '.join(FAMILY_ORDER)}")
     core.add_forgetting_args(parser, qa_replay=True)
     core.add_workers_arg(parser)
-    parser.add_argument("--eval-scenes", type=core.at_least(1), default=100, help="held-out scenes per family in each evaluation")
+    parser.add_argument("--eval-scenes", type=core.at_least(1), default=100,
+                        help="held-out scenes per family in each evaluation")
     # text_enc learns the questions at a third of the rate: at the full rate the held-out text loss rose
     # x2.6 in 1,200 batches; at 1e-4 held-back questions were learned much later (README, "QA figures")
     parser.set_defaults(lr_text_enc=3e-4)
