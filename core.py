@@ -289,11 +289,14 @@ class ImageEncoder(nn.Module):
 
 class Drawn(typing.NamedTuple):
     """What the strokes painted, for the losses that teach them: their ends (B, strokes, 2, 2: x right, y down,
-    board units), half-widths (B, strokes, board units), opacities (B, strokes) and colours (B, strokes, 3)."""
+    board units), half-widths (B, strokes, board units), opacities (B, strokes), colours (B, strokes, 3), and
+    where their two pointers looked: log-probabilities over the patches, rows first (B, strokes, 2, patches;
+    None where not known, as for strokes made by hand)."""
     ends: torch.Tensor
     half_width: torch.Tensor
     opacity: torch.Tensor
     colour: torch.Tensor
+    pointers: typing.Optional[torch.Tensor] = None
 
 
 class Strokes(nn.Module):
@@ -317,8 +320,9 @@ class Strokes(nn.Module):
     (greedy 52% and 44% at offset 0.3, random 18% and 22%); README, "Strokes". Its width, opacity and colour
     are taught from the bar's too (line_trick_loss): left to the pixels they hedged against ends a few pixels
     off, and the held-back IoU of the same tiny line trick went from 0.08-0.16 to 0.39-0.43 with them, square
-    ends and a grammar of requests (README, "The stroke's look and a grammar of requests"). The stages after
-    it lose the thin stroke's ends while the QA tutorial moves the image features (README, ibid.)."""
+    ends and a grammar of requests (README, "The stroke's look and a grammar of requests"). The QA tutorial,
+    which moves the image features, loses the gold's pointer; the replay's cross-entropy on the pointers (off by
+    default) finds it again in the agent stages (README, "Pointers that find the gold again")."""
 
     SHARPNESS = 4.0     # the pointers' attention logits x this over the usual 1/sqrt(width): sharper from the start
 
@@ -343,7 +347,8 @@ class Strokes(nn.Module):
         token, patches = token.float(), patches.float()
         q = self.query(self.ln_q(token)).view(B, 2 * self.n, W)
         k = self.key(self.ln_k(patches))
-        w = torch.softmax(q @ k.transpose(1, 2) * (self.SHARPNESS / math.sqrt(W)), -1)         # (B, 2n, P)
+        logp = torch.log_softmax(q @ k.transpose(1, 2) * (self.SHARPNESS / math.sqrt(W)), -1)   # (B, 2n, P)
+        w = logp.exp()
         at = self.centres + self.patch * torch.tanh(self.offset(patches)).view(B, P, 2 * self.n, 2).transpose(1, 2)
         points = (w[..., None] * at).sum(2).view(B, self.n, 2, 2)
         s = self.style(token).view(B, self.n, 7)
@@ -354,7 +359,8 @@ class Strokes(nn.Module):
         half_width = self.pixel * F.softplus(s[..., 2] + 1.0)                # about a pixel at first
         opacity = torch.sigmoid(s[..., 3] - 4.0)                             # about 2% at first
         colour = torch.sigmoid(s[..., 4:7])
-        return paint(img, ends, half_width, opacity, colour), Drawn(ends, half_width, opacity, colour)
+        drawn = Drawn(ends, half_width, opacity, colour, logp.view(B, self.n, 2, P))
+        return paint(img, ends, half_width, opacity, colour), drawn
 
 
 def paint(img, ends, half_width, opacity, colour):
@@ -1845,6 +1851,12 @@ def add_forgetting_args(parser, qa_replay=False):
                             help="weight of the line trick's replay loss, when the brain has learned it (0: none)")
         parser.add_argument("--line-replay-batch", type=at_least(1), default=8,
                             help="fresh scenes per batch for it, each asked for the line in a training prompt")
+        # off by default: in the curriculum it brought the line back (final brain 0.038 -> about 0.2) but imitation
+        # walked worse after it (README, "Pointers that find the gold again")
+        parser.add_argument("--line-replay-pointer-weight", type=in_range(0), default=0.0,
+                            help="weight of the stroke's pointers' cross-entropy in the line replay, against the "
+                                 "patches that hold the bar's ends (0: none, the default; 0.2 was measured; see "
+                                 "core.line_trick_loss)")
 
 
 def object_weights(frames, weight):
@@ -1906,7 +1918,8 @@ def keeping_loss(brain, args, replay, scenes, rng, qa=None, line=None):
     text_trains = trains(brain, "text_enc", "text_dec")
     said = text_loss(brain.sentence_autoencoder(sentences), sentences) if text_trains else zero
     answered = qa_replay_loss(brain, qa, scenes["qa"], rng) if scenes["qa"] else zero      # keeping_counts decides
-    drawn = line_replay_loss(brain, line, scenes["line"], rng) if scenes["line"] else zero
+    drawn = (line_replay_loss(brain, line, scenes["line"], rng, args.line_replay_pointer_weight)
+             if scenes["line"] else zero)
     total = args.plain_weight * plain_loss + args.text_weight * said
     if qa is not None:
         total = total + args.qa_weight * answered
@@ -1921,7 +1934,7 @@ STROKE_END_WEIGHT = 10.0
 
 
 def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT, drawn=None, bar=None,
-                    end_weight=STROKE_END_WEIGHT):
+                    end_weight=STROKE_END_WEIGHT, pointer_weight=0.0):
     """The line trick's loss: squared error of the redrawn frames against `want` (the line targets, or on a
     control row the frame itself), line pixels (where the target differs from the frame) weighing line_weight
     times the rest. They are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on a
@@ -1934,7 +1947,12 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     the bar, and strokes left to it alone stayed where they began; and left to it, the stroke came out twice
     the bar's width, or half opaque, or pale: hedges against ends a few pixels off that halve the IoU (README,
     "The stroke's look and a grammar of requests"). Opacity is taught on the rows that want no bar too: taught
-    only where one is wanted, the stroke went on showing on the control rows (in one seed of two)."""
+    only where one is wanted, the stroke went on showing on the control rows (in one seed of two). With
+    pointer_weight > 0, plus that x the cross-entropy of the first stroke's two pointers (drawn.pointers) against
+    the patches that hold the bar's ends, summed over the rows that want a bar: the replay's term
+    (line_replay_loss). The end loss reaches a pointer only through the patches it already looks at, and a
+    pointer sure of the wrong patch gets almost nothing; the cross-entropy's gradient on the right patch's
+    logit is 1 - its probability (README, "Pointers that find the gold again")."""
     weight = 1 + (line_weight - 1) * (targets != frames).any(1, keepdim=True).float()
     loss = (weight * (recon.float() - want) ** 2).mean()
     if drawn is None:
@@ -1947,10 +1965,18 @@ def line_trick_loss(recon, frames, targets, want, line_weight=LINE_PIXEL_WEIGHT,
     look = ((2 * drawn.half_width[has, 0].float() / game.LINE_WIDTH - 1) ** 2
             + ((drawn.colour[has, 0].float() - blue) ** 2).sum(-1))
     shown = (drawn.opacity[:, 0].float() - has.float()) ** 2
-    return loss + (end_weight * d.sum() + look.sum() + shown.sum()) / len(want)
+    looked = torch.zeros((), device=recon.device)
+    if pointer_weight > 0:
+        if drawn.pointers is None:
+            raise ValueError("line_trick_loss: pointer_weight needs where the pointers looked (Brain.draw's Drawn)")
+        g = math.isqrt(drawn.pointers.shape[-1])                                       # patches a side
+        cell = (target[has] * g).long().clamp(0, g - 1)                    # (rows, 2 ends, x y): the end's patch
+        index = (cell[..., 1] * g + cell[..., 0])[..., None]
+        looked = -drawn.pointers[has, 0].float().gather(-1, index).sum()
+    return loss + (end_weight * d.sum() + look.sum() + shown.sum() + pointer_weight * looked) / len(want)
 
 
-def line_replay_loss(brain, tokenizer, scenes, rng):
+def line_replay_loss(brain, tokenizer, scenes, rng, pointer_weight=0.0):
     """The line trick's loss on fresh bare scenes, each asked in a training prompt: replayed by the stages
     after it. Without it the tiny curriculum's QA tutorial, which trains the image parts to rebuild frames
     given a question, left no line at all (IoU 0.041 after the line trick, 0.0195 = drawing nothing after the
@@ -1959,13 +1985,15 @@ def line_replay_loss(brain, tokenizer, scenes, rng):
     and never pulls on what the answers and the reader (the agent's heading) read. Replayed through every
     part, the turn phase after the tiny QA tutorial read the turn at 53%, without any replay at 80% (one run
     each; README, "Strokes"). With strokes, the end loss too (x STROKE_END_WEIGHT): the picture alone did not
-    keep the line in img_dec (IoU 0.012 after the QA tutorial; with the ends, 0.219)."""
+    keep the line in img_dec (IoU 0.012 after the QA tutorial; with the ends, 0.219). pointer_weight: the
+    pointers' cross-entropy (line_trick_loss), which found the gold again in the agent stages once the QA
+    tutorial had moved the image features under the thin stroke (README, "Pointers that find the gold again")."""
     device, cfg = next(brain.parameters()).device, brain.cfg
     frames, targets, *bar = game.line_task(scenes, cfg.img_size, device)
     prompts = LINE_PROMPTS["train"]
     text = tokenizer.encode([prompts[i] for i in rng.integers(len(prompts), size=len(scenes))], cfg.seq_len).to(device)
     recon, drawn = brain.draw(text, frames, encoders_learn=False)
-    return line_trick_loss(recon, frames, targets, targets, drawn=drawn, bar=bar)
+    return line_trick_loss(recon, frames, targets, targets, drawn=drawn, bar=bar, pointer_weight=pointer_weight)
 
 
 def qa_replay_loss(brain, tokenizer, scenes, rng):

@@ -2,6 +2,7 @@
 small brain from small pretrained checkpoints, exact resume after SIGKILL, a clear error without text parts)."""
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -151,18 +152,23 @@ def test_the_stages_after_the_trick_replay_it_into_img_dec_alone():
                                         value_heads=2, vocab=tokenizer.vocab, strokes=1))
     parser = argparse.ArgumentParser()
     core.add_forgetting_args(parser, qa_replay=True)
-    args = lambda weight: parser.parse_args(["--plain-weight", "0", "--text-weight", "0", "--line-replay-batch", "4",
-                                             "--line-replay-weight", str(weight)])
+    args = lambda weight, pointer=0.2: parser.parse_args(["--plain-weight", "0", "--text-weight", "0",
+                                                          "--line-replay-batch", "4", "--line-replay-weight", str(weight),
+                                                          "--line-replay-pointer-weight", str(pointer)])
     replay = tokenizer.encode(["The red cat sat by the door."] * 4, brain.cfg.seq_len)
 
-    def keeping(weight, line=tokenizer):        # the scenes the stage's workers would draw, then the losses
-        scenes = core.keeping_scenes(np.random.default_rng(1), **core.keeping_counts(brain, args(weight), replay, line=line))
-        return core.keeping_loss(brain, args(weight), replay, scenes, np.random.default_rng(1), line=line)
+    def keeping(weight, line=tokenizer, pointer=0.2):    # the scenes the stage's workers would draw, then the losses
+        a = args(weight, pointer)
+        scenes = core.keeping_scenes(np.random.default_rng(1), **core.keeping_counts(brain, a, replay, line=line))
+        return core.keeping_loss(brain, a, replay, scenes, np.random.default_rng(1), line=line)
 
     total, kept = keeping(1)
     assert kept["line"].item() > 0 and total.item() == pytest.approx(kept["line"].item())
     doubled = keeping(2)[0]
     assert doubled.item() == pytest.approx(2 * total.item())
+    # the pointers' cross-entropy (--line-replay-pointer-weight, here 0.2; off by default) adds in proportion
+    without, twice = keeping(1, pointer=0)[0].item(), keeping(1, pointer=0.4)[0].item()
+    assert without < total.item() and twice - without == pytest.approx(2 * (total.item() - without), rel=1e-4)
     total.backward()
     assert brain.img_dec.unpatchify.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0          # the end loss moves the pointers
@@ -204,6 +210,16 @@ def test_paint_draws_a_bar_where_its_ends_are():
     assert torch.equal(core.paint(white, ends, torch.full((2, 1), 1 / SIZE), torch.zeros(2, 1), blue), white)
 
 
+def drawing_brain(frames):
+    """A fresh small brain with a stroke (seed 0), and what it draws over these frames for an empty text."""
+    torch.manual_seed(0)
+    brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
+                                        value_heads=2, vocab=100, strokes=1))
+    text = torch.full((len(frames), brain.cfg.seq_len), core.PAD)
+    text[:, :2] = torch.tensor([core.BOS, core.EOS])
+    return brain, brain.draw(text, frames)
+
+
 def test_the_line_loss_teaches_the_strokes_where_the_bar_ends_and_how_wide_it_is():
     """line_trick_loss adds end_weight x the squared distance of the first stroke's ends from the bar's, and the
     squared distances of its width from the bar's (in bar widths), its opacity from 1 and its colour from the bar's;
@@ -238,16 +254,48 @@ def test_the_line_loss_teaches_the_strokes_where_the_bar_ends_and_how_wide_it_is
                                 bar=control).item() == pytest.approx(unasked.item() + 0.5 ** 2, rel=1e-4)
     with pytest.raises(ValueError, match="bar"):
         core.line_trick_loss(recon, frames, targets, targets, drawn=moved)
-    torch.manual_seed(0)
-    brain = core.Brain(core.make_config("tiny", img_size=SIZE, patch=8, width=32, img_heads=2, text_heads=2,
-                                        value_heads=2, vocab=100, strokes=1))
-    text = torch.full((2, brain.cfg.seq_len), core.PAD)
-    text[:, :2] = torch.tensor([core.BOS, core.EOS])
-    recon, drawn = brain.draw(text, frames)
+    brain, (recon, drawn) = drawing_brain(frames)
     assert drawn.ends.shape == (2, 1, 2, 2) and drawn.half_width.shape == (2, 1) and recon.shape == frames.shape
     core.line_trick_loss(recon, frames, targets, targets, drawn=drawn, bar=bar).backward()
     assert brain.img_dec.strokes.query.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.offset.weight.grad.abs().sum() > 0
     assert brain.img_dec.strokes.style.weight.grad[2:].abs().sum(1).min() > 0    # half-width, opacity, colour rows
     bare = core.Brain(dataclasses.replace(brain.cfg, strokes=0))
+    text = torch.full((2, brain.cfg.seq_len), core.PAD)
     assert bare.draw(text, frames)[1] is None
+
+
+def test_the_replay_s_pointer_term_is_the_cross_entropy_of_the_patches_that_hold_the_bar_s_ends():
+    """With pointer_weight, line_trick_loss adds that x the cross-entropy of the first stroke's two pointers
+    against the patches holding the bar's ends, summed over the rows that want a bar and divided by the rows:
+    nothing for pointers sure of those patches, 2 log(patches) a row for pointers that look everywhere alike.
+    Brain.draw gives where the pointers looked, as log-probabilities over the patches."""
+    settings = [scene((0.3, 0.5), (0.7, 0.5)), scene((0.6, 0.3), (0.2, 0.8))]
+    frames, targets, *bar = game.line_task(settings, SIZE)
+    true, has = bar
+    recon, g = frames.clone(), 8                                           # 8 x 8 patches
+    plain = core.line_trick_loss(recon, frames, targets, targets)
+    cell = (true * g).long()
+    sure = torch.full((2, 1, 2, g * g), -1e4)
+    for b, e in itertools.product(range(2), range(2)):
+        sure[b, 0, e, cell[b, e, 1] * g + cell[b, e, 0]] = 0.0
+    right = core.Drawn(true[:, None], torch.full((2, 1), game.LINE_WIDTH / 2), torch.ones(2, 1),
+                       torch.tensor([[[0, 0, 213 / 255]]] * 2), sure)
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=right, bar=bar,
+                                pointer_weight=0.5).item() == pytest.approx(plain.item())
+    anywhere = right._replace(pointers=torch.full((2, 1, 2, g * g), -math.log(g * g)))
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=anywhere, bar=bar, pointer_weight=0.5).item() \
+        == pytest.approx(plain.item() + 0.5 * 2 * 2 * math.log(g * g) / 2, rel=1e-4)
+    assert core.line_trick_loss(recon, frames, targets, targets, drawn=anywhere, bar=bar).item() == pytest.approx(
+        plain.item())                                                       # the line trick's own loss: no such term
+    unasked = core.line_trick_loss(recon, frames, targets, frames, drawn=anywhere._replace(opacity=torch.zeros(2, 1)),
+                                   bar=(true, torch.zeros_like(has)), pointer_weight=0.5)
+    assert unasked.item() == pytest.approx(core.line_trick_loss(recon, frames, targets, frames).item())
+    with pytest.raises(ValueError, match="pointer"):
+        core.line_trick_loss(recon, frames, targets, targets, drawn=right._replace(pointers=None), bar=bar,
+                             pointer_weight=0.5)
+    brain, (recon, drawn) = drawing_brain(frames)
+    assert drawn.pointers.shape == (2, 1, 2, g * g)
+    assert torch.allclose(drawn.pointers.exp().sum(-1), torch.ones(2, 1, 2))
+    core.line_trick_loss(recon, frames, targets, targets, drawn=drawn, bar=bar, pointer_weight=1.0).backward()
+    assert brain.img_dec.strokes.key.weight.grad.abs().sum() > 0
