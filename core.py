@@ -342,7 +342,7 @@ class Strokes(nn.Module):
 
     def forward(self, token, patches, img):
         """token (B, width), patches (B, G*G, width), img (B, 3, H, W) -> (img with the strokes painted over it,
-        Drawn: their ends, widths, opacities and colours)."""
+        Drawn: their ends, widths, opacities, colours, and the pointers' log-probabilities over the patches)."""
         B, P, W = patches.shape
         token, patches = token.float(), patches.float()
         q = self.query(self.ln_q(token)).view(B, 2 * self.n, W)
