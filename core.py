@@ -1600,12 +1600,19 @@ class Run:
 
     def save(self, metrics=None, metric=None):
         """A checkpoint of everything needed to continue; `metric` (held-out, lower is better unless mode='max')
-        decides the best. Only rank 0 writes."""
+        decides the best. In a skill stage (--forgetting-limit, add_forgetting_args) a checkpoint whose plain
+        reconstruction passed the limit (metrics' plain_mse_ratio) is chosen only when none stayed within it
+        (past_forgetting_limit). Only rank 0 writes."""
         self.last_saved = self.batch
         if metrics:
             self.record("eval", metrics)
             self.log("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in metrics.items()))
+        limit = getattr(self.args, "forgetting_limit", 0)
+        if metric is not None and self.mode == "max" and past_forgetting_limit(metrics, limit):
+            self.log(f"plain reconstruction x{metrics['plain_mse_ratio']:.3f} of before the stage, past "
+                     f"--forgetting-limit {limit:g}: the best only if no checkpoint stays within it")
+            metric = -metrics["plain_mse_ratio"]      # mode 'max': below every skill, the least forgetting first
         if self.rank == 0:
             payload = {
                 "format": FORMAT, "stage": self.stage, "batch": self.batch, "time": time.time(),
@@ -1842,6 +1849,10 @@ def add_forgetting_args(parser, qa_replay=False):
                              "the run trains on, --steps x --text-batch, within 1,024-16,384; see replay_count)")
     parser.add_argument("--eval-frames", type=at_least(1), default=256,
                         help="held-out image-pretraining frames and text-model sentences that measure forgetting")
+    parser.add_argument("--forgetting-limit", type=in_range(0), default=1.5,
+                        help="the most the held-out plain reconstruction MSE may grow over the stage (x its value "
+                             "before): a checkpoint past it is chosen as the best only when none stays within, and "
+                             "then the one that forgot least (0: no limit)")
     if qa_replay:
         parser.add_argument("--qa-weight", type=in_range(0), default=0.5,
                             help="weight of the QA replay loss, when the brain has learned QA (0: none)")
@@ -1857,6 +1868,14 @@ def add_forgetting_args(parser, qa_replay=False):
                             help="weight of the stroke's pointers' cross-entropy in the line replay, against the "
                                  "patches that hold the bar's ends (0: none, the default; 0.2 was measured; see "
                                  "core.line_trick_loss)")
+
+
+def past_forgetting_limit(metrics, limit):
+    """Whether an evaluation's plain reconstruction grew past limit x its value before the stage (metrics'
+    plain_mse_ratio, forgetting); never with limit 0 or no ratio measured. Run.save then ranks the checkpoint
+    below every one within the limit: the issue's bound (x1.5) made a rule, not only a figure to read."""
+    ratio = (metrics or {}).get("plain_mse_ratio")
+    return bool(limit) and ratio is not None and ratio > limit
 
 
 def object_weights(frames, weight):

@@ -30,7 +30,8 @@ on the image pretraining's held-out frames and text loss on held-out sentences o
 The best checkpoint is the one with the highest line_skill on held-out scenes: the line IoU with held-back
 prompts x the share of control sentences answered without a line (a brain that draws whatever it is told
 has not learned to draw when asked: the tiny curriculum's line trick was at IoU 0.109 after 200 batches
-with a line on 79% of control frames, and 0.101 after 400 with 10%).
+with a line on 79% of control frames, and 0.101 after 400 with 10%), among the checkpoints whose plain
+reconstruction stayed within --forgetting-limit (x1.5 of before, the issue's bound; core.Run.save).
 
     python trick_line.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
 """

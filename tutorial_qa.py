@@ -44,7 +44,8 @@ Measured, not assumed: each evaluation generates a greedy answer after "<s> ques
 scenes (balanced labels, so chance is 50%) and held-back question phrasings, parses it to a label
 (unrecognised = wrong), and reports accuracy per family beside chance, with the training phrasings'
 accuracy for comparison and examples in the log. Forgetting as in trick_line: plain reconstruction MSE and
-text loss before the first step and after. The best checkpoint has the highest mean held-out accuracy.
+text loss before the first step and after. The best checkpoint has the highest mean held-out accuracy
+among those whose plain reconstruction stayed within --forgetting-limit (x1.5 of before; core.Run.save).
 
     python tutorial_qa.py --init-from runs/image/pretrain_image_best.pt runs/text/pretrain_text_best.pt
 """

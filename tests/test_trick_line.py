@@ -135,6 +135,24 @@ def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_e
     assert json.dumps(a["metrics"]) == json.dumps(b["metrics"])       # NaN angle errors compare equal here
 
 
+def test_a_checkpoint_past_the_forgetting_limit_is_the_best_only_when_none_stays_within(tmp_path, pretrained):
+    assert not core.past_forgetting_limit({"plain_mse_ratio": 1.5}, 1.5)      # the bound: x1.5 is within
+    assert core.past_forgetting_limit({"plain_mse_ratio": 1.502}, 1.5)
+    assert not core.past_forgetting_limit({"plain_mse_ratio": 9.0}, 0)        # 0: no limit
+    assert not core.past_forgetting_limit({"line_iou": 0.3}, 1.5)            # nothing measured, nothing past
+    # a limit no brain keeps: both evaluations are past it, and the one that forgot least is the best
+    out = run_script("trick_line.py", *stage_args(tmp_path / "a", 12, pretrained), "--forgetting-limit", 1e-6).stdout
+    assert out.count("past --forgetting-limit 1e-06") == 2
+    evals = [e for e in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+             if e["kind"] == "eval"]
+    ratios = {e["batch"]: e["plain_mse_ratio"] for e in evals}
+    assert sorted(ratios) == [6, 12] and all(r > 1e-6 for r in ratios.values())
+    manifest = json.loads((tmp_path / "a" / "checkpoints.json").read_text())
+    assert manifest["best_metric"] == pytest.approx(-min(ratios.values()))
+    best = core.load_checkpoint(str(tmp_path / "a" / "trick_line_best.pt"))
+    assert best["batch"] == min(ratios, key=ratios.get)
+
+
 def test_an_image_only_checkpoint_is_refused_with_what_is_missing(tmp_path, pretrained):
     bad = run_script("trick_line.py", *stage_args(tmp_path, 2, pretrained[:1]), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
