@@ -1863,7 +1863,9 @@ def add_forgetting_args(parser, qa_replay=False):
         parser.add_argument("--line-replay-batch", type=at_least(1), default=8,
                             help="fresh scenes per batch for it, each asked for the line in a training prompt")
         # off by default: in the curriculum it brought the line back (final brain 0.038 -> about 0.2) but imitation
-        # walked worse after it (README, "Pointers that find the gold again")
+        # walked worse after it (README, "Pointers that find the gold again"); in the agent stages alone it added
+        # nothing to the line in two more chains and cost the picture (README, "The pointers' term in the agent
+        # stages only")
         parser.add_argument("--line-replay-pointer-weight", type=in_range(0), default=0.0,
                             help="weight of the stroke's pointers' cross-entropy in the line replay, against the "
                                  "patches that hold the bar's ends (0: none, the default; 0.2 was measured; see "
