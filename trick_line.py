@@ -10,7 +10,8 @@ phantom blue lines), so three losses are mixed:
          wrote) and must give the frame back unchanged, so the line is drawn because it was asked for. 10% by
          default: with 25% the stroke's switch learned the training prompts' words and left out the held-back
          ones in three runs of five (held-back IoU 0.10-0.11; with 10% 0.21-0.35), and all five read them
-         better with 10% (mean 0.195 -> 0.311; README, "Fewer control sentences"). Line
+         better with 10% (mean 0.195 -> 0.311). The curriculum passes 0.25: the QA tutorial lost the 10%
+         brain's line in four chains of four (README, "Fewer control sentences"). Line
          pixels (where the line target differs from the frame) weigh --line-weight more in both kinds of row:
          they are about 0.3% of a frame, and with plain MSE drawing nothing is nearly free; on control rows
          the same weight makes a phantom line as costly as a missing one. The image decoder also paints a
