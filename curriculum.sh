@@ -29,7 +29,7 @@ fi
 # brain's keypoint reader, which learns to read the heading (README, "The turn phase").
 ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10 --min-lr-frac 1.0)
 # The line trick with 25% control sentences, not trick_line.py's 10%: the 10% line brain reads held-back prompts
-# better, but the QA tutorial then lost its line (kept IoU 0.001-0.019 against 0.065-0.149) and the final brain
+# better, but the QA tutorial then lost its line (kept IoU 0.009-0.019 against 0.065-0.149) and the final brain
 # kept less in four chains of four (0.02-0.17 against 0.19-0.29; README, "Fewer control sentences").
 ALL_line=(--control-share 0.25)
 
