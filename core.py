@@ -1221,7 +1221,9 @@ def stage_parser(description, **defaults):
     for part in PARTS:
         r.add_argument(f"--lr-{part.replace('_', '-')}", type=in_range(0, low_open=True), default=None,
                        help=f"learning rate of {part} (default --lr)")
-    r.add_argument("--freeze", nargs="*", default=[], choices=PARTS, help="parts this stage must not train")
+    r.add_argument("--freeze", nargs="*", default=[], type=frozen_name, metavar="PART[.MODULE]",
+                   help="parts this stage must not train, or modules of a part (e.g. img_enc.blocks: the rest of "
+                        "img_enc trains)")
     r.add_argument("--warmup", type=at_least(0), default=100, help="batches of linear learning-rate warm-up")
     r.add_argument("--min-lr-frac", type=in_range(0, 1), default=0.1, help="cosine decay ends at this fraction of --lr")
     r.add_argument("--weight-decay", type=in_range(0), default=0.01, help="AdamW weight decay")
@@ -1341,7 +1343,7 @@ class Run:
         self.stop_signal, self.last_saved = None, None
         self.timers, self._tick = {}, (time.time(), 0)
         self.prefetchers = []                      # prefetch_scenes' worker pools, closed by close()
-        self.trains = [p for p in trains if p not in args.freeze]
+        self.trains = [p for p in trains if p not in args.freeze]        # whole parts; freeze_modules the rest
 
         self.ckpt = None
         if args.resume:
@@ -1402,6 +1404,7 @@ class Run:
             _, self.origins = init_from(brain, args.init_from, log=self.log)
         for name, part in brain.parts().items():
             part.requires_grad_(name in self.trains)
+        freeze_modules(brain, [f for f in args.freeze if "." in f])
         brain.to(self.device)
         if args.compile:
             for m in brain.modules():
@@ -1410,7 +1413,7 @@ class Run:
         groups = []
         for name in self.trains:
             lr = getattr(args, f"lr_{name}") or args.lr
-            params = list(getattr(brain, name).parameters())
+            params = [p for p in getattr(brain, name).parameters() if p.requires_grad]
             decay = [p for p in params if p.dim() >= 2]
             other = [p for p in params if p.dim() < 2]
             groups += [dict(params=decay, weight_decay=args.weight_decay, base_lr=lr, part=name),
@@ -1889,6 +1892,28 @@ def object_weights(frames, weight):
     classes = colour_classes(frames)
     small = sum(classes == names.index(obj) for obj in ("agent", "eye", "gold"))
     return 1 + (weight - 1) * small[:, None].float()
+
+
+def frozen_name(text):
+    """--freeze's argument: a part of the brain, or a module inside one ("img_enc.blocks")."""
+    if text.split(".")[0] not in PARTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a part of the brain nor a module of one "
+                                         f"(parts: {', '.join(PARTS)}; a module: e.g. img_enc.blocks)")
+    return text
+
+
+def freeze_modules(brain, names):
+    """Stop the gradient of these modules inside parts ("img_enc.blocks", "img_enc.keypoints.heat"): the rest
+    of each part trains. A name that matches no parameter is a UsageError that lists the part's modules."""
+    for name in names:
+        part, module = name.split(".", 1)
+        params = [p for n, p in getattr(brain, part).named_parameters() if n == module or n.startswith(module + ".")]
+        if not params:
+            children = sorted({n.split(".")[0] for n, _ in getattr(brain, part).named_parameters()})
+            raise UsageError(f"--freeze {name}: {part} has no module or parameter {module!r} "
+                             f"(its modules: {', '.join(children)})")
+        for p in params:
+            p.requires_grad_(False)
 
 
 def trains(brain, *parts):

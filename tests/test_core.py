@@ -329,6 +329,24 @@ def test_freeze_and_learning_rates_per_part(tmp_path):
     assert {g["base_lr"] for g in ckpt["optimizer"]["param_groups"]} == {0.01}
 
 
+def test_freeze_modules_inside_a_part(tmp_path):
+    """--freeze img_enc.patchify img_enc.blocks: img_enc trains its keypoint heat maps only, and is still a
+    trained part (later stages take it from this checkpoint)."""
+    run_toy(tmp_path, "--freeze", "img_enc.patchify", "img_enc.blocks", "--steps", "2", "--warmup", "1")
+    ckpt = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "run")))
+    torch.manual_seed(0)
+    init = core.Brain(core.BrainConfig(**ckpt["config"])).state_dict()
+    same = {k for k in init if k.startswith("img_enc.") and torch.equal(ckpt["model"][k], init[k])}
+    assert {k for k in init if k.startswith(("img_enc.patchify.", "img_enc.blocks."))} <= same
+    assert "img_enc.keypoints.heat.weight" not in same and "img_enc.ln.weight" not in same
+    assert ckpt["trained_parts"] == ["img_enc", "img_dec"]
+    bad = run_toy(tmp_path / "b", "--freeze", "img_enc.stem", "--steps", "1", check=False)
+    assert bad.returncode == 2 and "img_enc has no module or parameter 'stem'" in bad.stderr
+    assert "keypoints" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_toy(tmp_path / "c", "--freeze", "eyes.blocks", "--steps", "1", check=False)
+    assert bad.returncode == 2 and "'eyes.blocks': not a part of the brain" in bad.stderr
+
+
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     run_toy(tmp_path / "a", "--steps", "8", "--dump", str(tmp_path / "a.w"))
     code, _ = kill_when("tests/toy_stage.py", "batch 5/8", "--run-dir", tmp_path / "b" / "run", *SMALL_ARGS,
