@@ -28,10 +28,14 @@ fi
 # you turn to face the gold?" alone, with the other families replayed, at a constant rate, training only the
 # brain's keypoint reader, which learns to read the heading (README, "The turn phase").
 ALL_turn=(--families turn --freeze img_enc img_dec text_enc text_dec --warmup 10 --min-lr-frac 1.0)
-# The line trick with 25% control sentences, not trick_line.py's 10%: the 10% line brain reads held-back prompts
-# better, but the QA tutorial then lost its line (kept IoU 0.009-0.019 against 0.065-0.149) and the final brain
-# kept less in four chains of four (0.02-0.17 against 0.19-0.29; README, "Fewer control sentences").
-ALL_line=(--control-share 0.25)
+# The QA tutorial trains only the keypoint branch of img_enc (its heat maps and token), not its patch embedding
+# and blocks: training those moved the features the line trick's stroke reads, and the QA brain lost the line
+# (kept IoU 0.009-0.019 after trick_line.py's 10% control sentences, 0.065-0.149 after 25%), while the agent
+# reads the heading from what the QA tutorial teaches the keypoint branch (img_enc frozen whole: the agent
+# failed). In three chains of three it kept the line and the final brain drew it, answered and walked better
+# (README, "The QA tutorial training only the keypoint branch"). The line trick keeps its own 10% control
+# sentences, which read held-back prompts better than the 25% used before (README, "Fewer control sentences").
+ALL_qa=(--freeze img_enc.patchify img_enc.blocks img_enc.ln img_enc.tags)
 
 # Flags for each stage, by mode. They come before the pass-through flags, which override them.
 
