@@ -2347,6 +2347,13 @@ _PLACE_FRAMES = ["{Be} {s} {a} or {b}{p} {r}?",
                  "Would you say {s} {be} {a} or {b}{p} {r}?",
                  "Please say if {s} {be} {a} or {b}{p} {r}.",
                  "Can you tell if {s} {be} {a} or {b}{p} {r}?"]
+# The "A R or B R" frame ("Is the gold to the left of you or to the right of you?"), in the left/right families
+# only: the above/below families hold it back ("Is the gold above you or below you?", "Is the agent above the
+# gold or below the gold?"), so those test the frame learnt on the other axis, as their "Compared to ..."
+# phrasings test a frame learnt in other families. Without it no training question named the reference twice,
+# and the 144 px brains of some seeds answered the vertical ones in the other family's words (the twenty-ninth
+# session; README, "The 'A R or B R' frame on the left/right axis").
+_LEFT_RIGHT_FRAMES = ["{Be} {s} {a}{p} {r} or {b}{p} {r}?"]
 _PLACE_WORDS = {"left_right": [("left", "right", " of"), ("to the left", "to the right", " of"),
                                ("on the left", "on the right", " of")],
                 "above_below": [("above", "below", ""), ("higher", "lower", " than"), ("up", "down", " from")]}
@@ -2357,7 +2364,7 @@ def place_questions(family):
     who, axis = family.split("_", 1)
     pairs = [("the gold", r) for r in ("you", "the agent")] if who == "gold" else [(s, "the gold") for s in ("you", "the agent")]
     out = []
-    for frame in _PLACE_FRAMES:
+    for frame in _PLACE_FRAMES + (_LEFT_RIGHT_FRAMES if axis == "left_right" else []):
         for s, r in pairs:
             be = "are" if s == "you" else "is"
             for a, b, p in _PLACE_WORDS[axis]:
