@@ -1130,15 +1130,16 @@ def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, bas
     """Success within MAX_ACTIONS and mean actions to the gold on held-out scenes, greedy and sampled,
     beside the baselines measured on the same scenes in the same run: the forward-only oracle ("oracle"), the
     oracle that may also reverse ("oracle_backward": a gold behind the agent costs it far fewer turns) and a
-    uniformly random policy."""
+    uniformly random policy. Each policy draws from its own generator, seeded by the seed, the offset and the
+    policy: the random baseline plays the same actions whatever brain is measured beside it."""
     out = {}
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    policies = ((["greedy", "sample"] if brain is not None else []) +
-                (["oracle", "oracle_backward", "random"] if baselines else []))
+    names = ["greedy", "sample", "oracle", "oracle_backward", "random"]
+    policies = names[:2 if brain is not None else 0] + (names[2:] if baselines else [])
     for offset in offsets:
         scenes = agent_scenes(offset, n, salt=int(offset * 100))
         for policy in policies:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed * 100_000 + round(offset * 1000) * 10 + names.index(policy))
             backward = policy == "oracle_backward"
             r = rollout(scenes, "oracle" if backward else policy, size, device, brain=brain, generator=gen,
                         backward=backward)

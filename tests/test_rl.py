@@ -117,6 +117,19 @@ def test_agent_evaluation_measures_the_baselines_in_the_same_run():
     assert m["oracle_backward_actions@0.3"] < m["oracle_actions@0.3"]
 
 
+def test_the_random_baseline_plays_the_same_whatever_brain_is_measured_beside_it():
+    """Its actions come from a generator of its own: a brain's sampled rollouts, which draw more or fewer
+    numbers by what the brain does, do not change the baseline a report sets beside it."""
+    cfg = core.make_config("tiny", **SMALL)
+    alone = core.evaluate_agent(None, 32, "cpu", offsets=(0.1, 0.3), n=16)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        beside = core.evaluate_agent(core.Brain(cfg), 32, "cpu", offsets=(0.1, 0.3), n=16)
+        assert {k: beside[k] for k in alone} == alone
+    other = core.evaluate_agent(None, 32, "cpu", offsets=(0.1, 0.3), n=16, seed=1)
+    assert other["random_actions@0.1"] != alone["random_actions@0.1"]
+
+
 def rl_args(run_dir, steps, *extra):
     return [*SMALL_ARGS, "--run-dir", run_dir, "--steps", steps, "--batch-size", 4, "--log-every", 1,
             "--save-every", 3, "--eval-every", 6, "--eval-scenes", 4, "--eval-offsets", 0.1, *extra]
