@@ -6,8 +6,9 @@ the gold ahead; is it near or far. Labels come from game.scene_facts in the fram
 batch asks every family about each of its fresh bare scenes (balanced on the rarest fact: the gold is
 ahead in 7% of random scenes), with training phrasings of questions and answers; held-back question
 phrasings are used only for evaluation. The four place families have twelve hand-written training
-questions and 35-44 more from a grammar (core.place_questions: frames x whom x compared to whom x place
-words), the others twelve (README, "Place questions from a grammar"). The phrasings come in two phases,
+questions and 38-44 more from a grammar (core.place_questions: frames x whom x compared to whom x place
+words; the left/right families also "Is the gold to the left of you or to the right of you?", a frame the
+above/below families hold back), the others twelve (README, "Place questions from a grammar"). The phrasings come in two phases,
 both measured (README, "The QA tutorial"):
 - for the first --first-phrasings batches, each family is asked in one phrasing and answered in one per
   label. The brain begins to read the frame much sooner so (two families: 60% / 94% after 250 batches
