@@ -2177,8 +2177,8 @@ def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_
 # and what is asked about. With six, the tiny brain answered held-back questions as another family's ("Compared
 # to the gold, are you above or below?" with where the gold is, "Is the gold straight in front of the agent?"
 # with "Left."). No training question uses a held-back question's frame ("Compared to ..., ...", "straight in
-# front of", "looking straight at", "A you or B you"). The four place families also get the questions of a
-# small grammar (place_questions, below). `keywords` is how the answer parser reads a label out of
+# front of", "looking straight at"; "A you or B you" in the left/right families only, _LEFT_RIGHT_FRAMES).
+# The four place families also get the questions of a small grammar (place_questions, below). `keywords` is how the answer parser reads a label out of
 # generated text.
 _LEFT_RIGHT = {"left": ("left",), "right": ("right",)}
 _ABOVE_BELOW = {"above": ("above", "up", "over", "higher"), "below": ("below", "down", "under", "lower", "beneath")}
@@ -2336,7 +2336,8 @@ QA_FAMILIES = {
 # family wrong while its other one right ("Is the agent above the gold or below the gold?" near chance where
 # "Compared to the gold, are you above or below?" was right): they had learned which words go with which
 # family's strings, not to read the subject, the reference and the place words apart. The grammar varies
-# these three independently. None of its frames is a held-back question's ("A R or B R", "Compared to"); a
+# these three independently. None of its frames is a held-back question's ("Compared to"; "A R or B R" is
+# only the vertical families', and only the left/right families get it, below); a
 # question it makes that some family already asks, held back or not, is dropped, and so is one that reads
 # more like a held-back question than any hand-written training question does (README, "Place questions
 # from a grammar": on average a gain at the QA tutorial's end over three seeds, not a cure).

@@ -8,8 +8,8 @@ ahead in 7% of random scenes), with training phrasings of questions and answers;
 phrasings are used only for evaluation. The four place families have twelve hand-written training
 questions and 38-44 more from a grammar (core.place_questions: frames x whom x compared to whom x place
 words; the left/right families also "Is the gold to the left of you or to the right of you?", a frame the
-above/below families hold back), the others twelve (README, "Place questions from a grammar"). The phrasings come in two phases,
-both measured (README, "The QA tutorial"):
+above/below families hold back), the others twelve (README, "Place questions from a grammar"). The
+phrasings come in two phases, both measured (README, "The QA tutorial"):
 - for the first --first-phrasings batches, each family is asked in one phrasing and answered in one per
   label. The brain begins to read the frame much sooner so (two families: 60% / 94% after 250 batches
   against 72% / 59% with all phrasings from the start).
