@@ -2337,7 +2337,7 @@ QA_FAMILIES = {
 # "Compared to the gold, are you above or below?" was right): they had learned which words go with which
 # family's strings, not to read the subject, the reference and the place words apart. The grammar varies
 # these three independently. None of its frames is a held-back question's ("Compared to"; "A R or B R" is
-# only the vertical families', and only the left/right families get it, below); a
+# held back by the vertical families and near, and only the left/right families get it, below); a
 # question it makes that some family already asks, held back or not, is dropped, and so is one that reads
 # more like a held-back question than any hand-written training question does (README, "Place questions
 # from a grammar": on average a gain at the QA tutorial's end over three seeds, not a cure).
