@@ -967,10 +967,19 @@ def init_from(brain, paths, log=print):
 # evaluation helpers every stage shares
 
 
-def heldout_rng(i, salt=0):
-    """Generators for held-out data: their seed sequences start with 1, training's (Run.rng) with 0,
-    so held-out scenes are never drawn in training."""
-    return np.random.default_rng([1, salt, i])
+# Held-out data comes in two splits. "val": what the stages evaluate while they train, and so choose their best
+# checkpoint by (and their --forgetting-limit by); "test": what eval.py and the benchmarks report. Before the
+# thirtieth session both were one set, and a stage's best was chosen on the first scenes of the very set its
+# figures were then reported on (README, "Validation and test scenes").
+HELDOUT_SPLITS = {"test": 1, "val": 2}
+
+
+def heldout_rng(i, salt=0, split="test"):
+    """Generators for held-out data: their seed sequences start with 1 (test) or 2 (val, HELDOUT_SPLITS),
+    training's (Run.rng) with 0, so held-out scenes are never drawn in training nor shared by the splits."""
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"heldout_rng: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
+    return np.random.default_rng([HELDOUT_SPLITS[split], salt, i])
 
 
 # The colours an image may hold, for reading a reconstruction back into objects.
@@ -1120,14 +1129,17 @@ def score_actions(brain, states, text, steps, size, temperature=1.0, targets=Non
 AGENT_PARTS = ["img_enc", "img_dec", "text_enc", "text_dec", "reader"]
 
 
-def agent_scenes(offset, n, salt=0):
-    """Held-out bare scenes at one max_agent_offset, the same for every stage and eval.py."""
-    return [game.random_bare_settings(heldout_rng(i, salt=1000 + salt), max_agent_offset=offset) for i in range(n)]
+def agent_scenes(offset, n, salt=0, split="test"):
+    """Held-out bare scenes at one max_agent_offset: split "val" the same for every stage, "test" for eval.py
+    and the benchmarks."""
+    return [game.random_bare_settings(heldout_rng(i, salt=1000 + salt, split=split), max_agent_offset=offset)
+            for i in range(n)]
 
 
 @torch.no_grad()
-def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, baselines=True, seed=0):
-    """Success within MAX_ACTIONS and mean actions to the gold on held-out scenes, greedy and sampled,
+def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, baselines=True, seed=0, split="test"):
+    """Success within MAX_ACTIONS and mean actions to the gold on held-out scenes (agent_scenes of `split`:
+    "val" in the stages, "test" in eval.py), greedy and sampled,
     beside the baselines measured on the same scenes in the same run: the forward-only oracle ("oracle"), the
     oracle that may also reverse ("oracle_backward": a gold behind the agent costs it far fewer turns) and a
     uniformly random policy. Each policy draws from its own generator, seeded by the seed, the offset and the
@@ -1136,7 +1148,7 @@ def evaluate_agent(brain, size, device, offsets=(0.1, 0.2, 0.3, 0.5), n=100, bas
     names = ["greedy", "sample", "oracle", "oracle_backward", "random"]
     policies = names[:2 if brain is not None else 0] + (names[2:] if baselines else [])
     for offset in offsets:
-        scenes = agent_scenes(offset, n, salt=int(offset * 100))
+        scenes = agent_scenes(offset, n, salt=int(offset * 100), split=split)
         for policy in policies:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed * 100_000 + round(offset * 1000) * 10 + names.index(policy))
@@ -2123,7 +2135,7 @@ def forgetting_baseline(run, brain, args):
     text model writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run
     trains on and compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
     n_replay, n_heldout = replay_count(args, trains(brain, "text_enc", "text_dec")), args.eval_frames
-    frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0), run.device)
+    frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0, split="val"), run.device)
     if "replay" not in run.cursor:
         g = torch.Generator(device=run.device)
         g.manual_seed(run.args.seed)                  # the same sentences on every rank
@@ -2154,12 +2166,12 @@ def kept_skills(brain, probe, qa=None, line=None, qa_scenes_per_family=32, line_
     with the training prompts, which the replay asks."""
     out = forgetting(brain, probe) if probe is not None else {}
     if line is not None:
-        rng = heldout_rng(0, salt=3)                   # the line trick's own held-out scenes
+        rng = heldout_rng(0, salt=3, split="val")      # the line trick's own held-out scenes
         scenes = game.random_bare_scenes(rng, line_scenes)
         for name, key in (("heldout", "line_iou_kept"), ("train", "line_iou_kept_train_prompts")):
             out[key] = line_metrics(brain, line, scenes, LINE_PROMPTS[name])[0]["line_iou"]
     if qa is not None:
-        forced = qa_forced_accuracy(brain, qa, qa_scenes(qa_scenes_per_family, heldout_rng(0, salt=4)))
+        forced = qa_forced_accuracy(brain, qa, qa_scenes(qa_scenes_per_family, heldout_rng(0, salt=4, split="val")))
         out.update({f"qa_forced_{family}": v for family, v in forced.items()})
         out["qa_forced_mean"] = sum(forced.values()) / len(forced)
     return out

@@ -5,7 +5,9 @@
 
 A checkpoint is a file, a run folder (its newest valid checkpoint) or FOLDER/best. For every skill the
 checkpoint was trained for (checkpoints list them, their ancestors' included; any other skill is reported
-as "not trained", not measured), on held-out seeds fixed in core.py and shared with the stage scripts:
+as "not trained", not measured), on held-out seeds fixed in core.py: the "test" split of core.heldout_rng,
+which no stage script sees (they evaluate, and choose their best checkpoints, on the "val" split; the text
+pretraining's held-out sentences are the one set both use):
 
   image  reconstruction MSE of image-pretraining frames, beside the MSE of the mean frame; the share of
          frames whose agent, eye, gold and walls come back in their colours
@@ -39,7 +41,7 @@ import core
 import game
 
 SKILLS = ("image", "text", "line", "qa", "agent")
-# held-out set sizes: the stage scripts' defaults (same sizes, same scenes), and a smoke-test size
+# held-out set sizes: the stage scripts' defaults (same sizes; the test split's scenes), and a smoke-test size
 SIZES = {"full": dict(frames=256, sentences=None, line_scenes=256, qa_scenes=100, agent_scenes=100,
                       offsets=(0.1, 0.2, 0.3, 0.5)),
          "quick": dict(frames=32, sentences=256, line_scenes=32, qa_scenes=10, agent_scenes=16, offsets=(0.1, 0.3))}
@@ -99,7 +101,7 @@ def text_figures(c, sizes, prefix):
 
 
 def line_figures(c, sizes, prefix):
-    rng = core.heldout_rng(0, salt=3)            # trick_line.py's held-out scenes
+    rng = core.heldout_rng(0, salt=3)            # the test split of trick_line.py's held-out scenes
     scenes = game.random_bare_scenes(rng, sizes["line_scenes"])
     m, pictures = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["heldout"])
     trained = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["train"])[0]
@@ -117,7 +119,7 @@ def line_figures(c, sizes, prefix):
 
 
 def qa_figures(c, sizes, prefix):
-    scenes = core.qa_scenes(sizes["qa_scenes"], core.heldout_rng(0, salt=4))    # tutorial_qa.py's held-out scenes
+    scenes = core.qa_scenes(sizes["qa_scenes"], core.heldout_rng(0, salt=4))    # test split of tutorial_qa.py's
     answers = core.qa_answers(c.brain, c.tokenizer, scenes, "heldout")
     accuracy, chance = core.accuracy_by_family(answers), core.qa_chance(scenes)
     draw_qa(scenes, answers, prefix + "qa.png")
@@ -203,7 +205,7 @@ def draw_qa(scenes, answers, path, per_family=2):
 def draw_trajectories(brain, size, device, offset, path, n=8):
     """The brain's greedy path (magenta) and the oracle's (blue) from held-out start scenes."""
     from PIL import Image, ImageDraw
-    scenes = core.agent_scenes(offset, n, salt=int(offset * 100))     # the first scenes evaluate_agent plays
+    scenes = core.agent_scenes(offset, n, salt=int(offset * 100))     # the first scenes the agent row plays
     paths = {policy: core.rollout(scenes, policy, size, device, brain=brain) for policy in ("greedy", "oracle")}
     px, font = PICTURE_PX, _font(12)
     sheet = Image.new("RGB", (n * px, px + 18), "white")

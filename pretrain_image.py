@@ -41,7 +41,7 @@ def main(argv=None):
     run = core.Run("pretrain_image", args, trains=["img_enc", "img_dec"])
     brain = run.build()
     size = run.cfg.img_size
-    heldout = game.pretrain_image_batch(args.eval_frames, size, core.heldout_rng(0), run.device)
+    heldout = game.pretrain_image_batch(args.eval_frames, size, core.heldout_rng(0, split="val"), run.device)
     png = os.path.join(run.run_dir, "reconstructions.png")
     data = run.prefetch_scenes(functools.partial(game.pretrain_scenes, args.batch_size))   # scenes, zooms, centres
 

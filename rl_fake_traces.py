@@ -111,7 +111,7 @@ def main(argv=None):
                       "oracle_action_prob": logp.exp().mean().item(), "entropy": entropy.mean().item(),
                       "actions": len(step)}, samples=len(step))
         if run.due(args.eval_every) or run.final():
-            metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes)
+            metrics = core.evaluate_agent(brain, size, run.device, args.eval_offsets, args.eval_scenes, split="val")
             metrics.update(core.kept_skills(brain, probe, qa, line))
             run.save(metrics, metric=metrics[f"greedy_success@{args.max_agent_offset}"]
                      if f"greedy_success@{args.max_agent_offset}" in metrics else None)

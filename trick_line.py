@@ -99,7 +99,7 @@ def main(argv=None):
     replay, probe = core.forgetting_baseline(run, brain, args)
     controls = control_sentences(tokenizer, replay)
     prompts = tokenizer.encode(core.LINE_PROMPTS["train"], run.cfg.seq_len).to(run.device)
-    eval_rng = core.heldout_rng(0, salt=3)
+    eval_rng = core.heldout_rng(0, salt=3, split="val")
     scenes = game.random_bare_scenes(eval_rng, args.eval_scenes)
     png = os.path.join(run.run_dir, "lines.png")
     data = run.prefetch_scenes(functools.partial(game.random_bare_scenes, n=B), core.keeping_counts(brain, args, replay))

@@ -178,7 +178,7 @@ def main(argv=None):
     tokenizer, size, L = run.tokenizer, run.cfg.img_size, run.cfg.seq_len
     check_lengths(tokenizer, L)
     replay, probe = core.forgetting_baseline(run, brain, args)
-    scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4))
+    scenes = core.qa_scenes(args.eval_scenes, core.heldout_rng(0, salt=4, split="val"))
     # asked a few families, the brain keeps the others by answering them about a few scenes a batch
     qa = tokenizer if args.qa_weight > 0 and set(args.families) != set(FAMILY_ORDER) else None
     line = core.replayed_line(run, brain, args)   # the line trick, learned before, drawn on a few scenes a batch

@@ -175,10 +175,37 @@ def test_grpo_logs_its_diagnostics_and_starts_from_imitation(tmp_path):
     run_script("rl_fake_traces.py", *rl_args(tmp_path / "imitation", 3))
     run_script("rl_grpo.py", *rl_args(tmp_path / "grpo", 3, "--group-size", 2, "--init-from", tmp_path / "imitation",
                                        "--scale-rewards", "none", "--length-norm", "limit"))
-    rounds = [json.loads(l) for l in open(tmp_path / "grpo" / "metrics.jsonl") if '"train"' in l]
+    records = [json.loads(l) for l in open(tmp_path / "grpo" / "metrics.jsonl")]
+    rounds = [r for r in records if r["kind"] == "train"]
     for key in ("success", "return", "episode_len", "entropy", "approx_kl", "clip_frac", "kl_ref", "zero_spread",
                 "offset", "round_s", "rss_mb"):
         assert key in rounds[0], key
+    # the brain it started from, evaluated before the first round and kept as batch 0: a candidate for the best,
+    # so the stage never hands on a brain its rounds made worse (--no-start-eval: none)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["batch"] for r in evals] == [0, 3]
+    start = core.load_checkpoint(os.path.join(tmp_path / "grpo", json.load(
+        open(tmp_path / "grpo" / "checkpoints.json"))["written"][0]))
+    imitation = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path / "imitation")))
+    assert start["batch"] == 0 and all(torch.equal(start["model"][k], imitation["model"][k]) for k in start["model"])
+    best = json.load(open(tmp_path / "grpo" / "finished.json"))
+    assert best["best_metric"] == max(r["greedy_success@0.3"] for r in evals)
+    # the stages evaluate on validation scenes; eval.py reports on test scenes, which no stage chose by
+    val = core.evaluate_agent(None, 32, "cpu", (0.1,), 4, split="val")
+    assert evals[0]["oracle_actions@0.1"] == val["oracle_actions@0.1"]
+    assert val != core.evaluate_agent(None, 32, "cpu", (0.1,), 4, split="test")
+    run_script("rl_grpo.py", *rl_args(tmp_path / "none", 3, "--group-size", 2, "--no-start-eval"))
+    assert [json.loads(l)["batch"] for l in open(tmp_path / "none" / "metrics.jsonl") if '"eval"' in l] == [3]
+
+
+def test_validation_and_test_scenes_never_meet():
+    """Held-out data has two splits: the stages choose their best on "val", eval.py reports on "test"."""
+    for offset in (0.1, 0.3):
+        val = {s.to_json() for s in core.agent_scenes(offset, 64, salt=int(offset * 100), split="val")}
+        test = {s.to_json() for s in core.agent_scenes(offset, 100, salt=int(offset * 100))}
+        assert len(val) == 64 and len(test) == 100 and not val & test
+    with pytest.raises(ValueError, match="split must be one of test, val, not 'train'"):
+        core.heldout_rng(0, split="train")
 
 
 @pytest.mark.slow
