@@ -146,7 +146,8 @@ def main(argv=None):
 
     if args.start_eval and args.eval_every and run.batch == 0:
         # in the curriculum's 12 rounds GRPO lowered imitation's greedy success at 0.3 in most chains (README,
-        # "The starting brain among GRPO's checkpoints"): the brain it started from stays a candidate
+        # "Thirtieth session: the starting brain among GRPO's checkpoints"): the brain it started from stays a
+        # candidate
         run.log("the --init-from brain before any round (batch 0); it stays the best unless a round beats it")
         evaluate()
     for batch in run.batches():

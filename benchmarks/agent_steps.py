@@ -1,7 +1,8 @@
 """Where does the greedy agent go wrong? Every step of its episodes against the oracle's action for that state.
 
 The agent stages report success within 31 actions; this shows why an episode failed. It plays the brain
-greedily on the held-out scenes of one offset (core.agent_scenes, the same as eval.py's) and, at every
+greedily on the held-out scenes of one offset (core.agent_scenes: eval.py's test split, or --split val,
+the scenes the agent stages evaluate on and choose their best by) and, at every
 state it met, compares its action with the forward-only oracle's for that state (core.rollout labels them):
 
   - agreement by the oracle's action (forward, left, right) and the confusion between them;
@@ -70,13 +71,15 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint, run folder or FOLDER/best of an agent stage")
     p.add_argument("--offset", type=float, default=0.3, help="max_agent_offset of the held-out scenes")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes (eval.py uses 100)")
+    p.add_argument("--split", choices=list(core.HELDOUT_SPLITS), default="test",
+                   help="held-out split: test (eval.py's scenes) or val (the stages' own evaluation's)")
     p.add_argument("--oracle-backward", action="store_true",
                    help="compare with the oracle that may also reverse (rl_fake_traces.py --oracle-backward)")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     brain, _, path = core.load_brain(a.ckpt)
-    scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100))    # eval.py's scenes
+    scenes = core.agent_scenes(a.offset, a.scenes, salt=int(a.offset * 100), split=a.split)   # test: eval.py's
     back = a.oracle_backward
     r = core.rollout(scenes, "greedy", brain.cfg.img_size, "cpu", brain=brain, seq_len=brain.cfg.seq_len,
                      backward=back)                         # backward: which oracle labels the states
@@ -111,7 +114,7 @@ def main(argv=None):
 
     total = sum(confusion.values())
     agree = sum(n for (w, g), n in confusion.items() if w == g)
-    print(f"{path}: greedy, {a.scenes} held-out scenes at offset {a.offset}, against the "
+    print(f"{path}: greedy, {a.scenes} held-out scenes ({a.split} split) at offset {a.offset}, against the "
           f"{'oracle that may reverse' if back else 'forward-only oracle'}")
     print(f"success {ends['success'] / a.scenes:.0%}; steps {total}, agreeing with the oracle {agree / total:.1%}, "
           f"one of the shortest ways on {sum(optimal.values()) / total:.1%}")

@@ -236,7 +236,7 @@ def test_the_step_benchmark_compares_every_greedy_step_with_the_oracle(tmp_path)
                      "--scenes", 6).stdout
     brain = core.load_brain(str(tmp_path / "imitation"))[0]
     greedy = core.evaluate_agent(brain, brain.cfg.img_size, "cpu", (0.3,), 6, baselines=False)
-    assert f"success {greedy['greedy_success@0.3']:.0%}" in out                 # the same scenes as eval.py
+    assert f"success {greedy['greedy_success@0.3']:.0%}" in out and "(test split)" in out   # eval.py's scenes
     ends = [int(n) for n in re.findall(r"^  (?:success|</s> before the limit|limit: [a-z ]+?) +(\d+)$", out, re.M)]
     assert sum(ends) == 6, out
     steps = int(re.search(r"steps (\d+), agreeing", out).group(1))
