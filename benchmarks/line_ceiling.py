@@ -3,7 +3,8 @@
 The line trick's IoU compares the blue pixels of the redrawn frame with the target's bar. The brain paints the
 bar as a stroke (core.Strokes) over the image decoder's patch picture. This repaints the stroke on that same
 picture with parts of it replaced by the truth (game.line_task gives the bar's ends; its look is
-game.LINE_WIDTH wide, opaque, game.PALETTE's "line to gold"), on eval.py's held-out line scenes:
+game.LINE_WIDTH wide, opaque, game.PALETTE's "line to gold"), on eval.py's held-out line scenes (--split val:
+trick_line.py's own):
 
   - the brain's IoU, as eval.py reports it;
   - its look, at the bar's true ends: what its ends cost;
@@ -62,6 +63,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint, run folder or FOLDER/best of a brain with strokes")
     p.add_argument("--scenes", type=core.at_least(1), default=256, help="held-out line scenes (eval.py uses 256)")
     p.add_argument("--prompts", choices=["heldout", "train"], default="heldout", help="which prompts ask for the line")
+    p.add_argument("--split", choices=list(core.HELDOUT_SPLITS), default="test",
+                   help="held-out split: test (eval.py's scenes) or val (trick_line.py's own evaluation's)")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -71,10 +74,10 @@ def main(argv=None):
     if not ckpt.get("tokenizer"):
         raise core.UsageError(f"{path}: no tokenizer in this checkpoint (image pretraining alone?): it reads no prompt")
     tokenizer = core.Tokenizer.from_json(ckpt["tokenizer"])
-    scenes = game.random_bare_scenes(core.heldout_rng(0, salt=3), a.scenes)          # eval.py's line scenes
+    scenes = game.random_bare_scenes(core.heldout_rng(0, salt=3, split=a.split), a.scenes)   # test: eval.py's
     figures = ceiling(brain, tokenizer, scenes, core.LINE_PROMPTS[a.prompts])
-    print(f"{path} (batch {ckpt.get('batch')}), {a.scenes} held-out scenes at {brain.cfg.img_size} px, "
-          f"{a.prompts} prompts")
+    print(f"{path} (batch {ckpt.get('batch')}), {a.scenes} held-out scenes ({a.split} split) at "
+          f"{brain.cfg.img_size} px, {a.prompts} prompts")
     for name, value in figures.items():
         print(f"  {name:42s} {value:.3f}")
 

@@ -118,8 +118,10 @@ def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_e
     grid = Image.open(tmp_path / "a" / "lines.png")
     assert (grid.width, grid.height) == (8 * 32 * 2, 3 * 32 * 2)        # scene, target, prediction
 
-    # benchmarks/line_ceiling.py takes the best brain's IoU apart, on the stage's own held-out scenes
-    out = run_script("benchmarks/line_ceiling.py", "--ckpt", tmp_path / "a" / "best", "--scenes", 8).stdout
+    # benchmarks/line_ceiling.py takes the best brain's IoU apart, here on the stage's own held-out scenes (the
+    # validation split; by default it plays eval.py's, the test split)
+    out = run_script("benchmarks/line_ceiling.py", "--ckpt", tmp_path / "a" / "best", "--scenes", 8,
+                     "--split", "val").stdout
     figures = {line[:44].strip(): float(line[44:]) for line in out.splitlines()[1:]}
     assert figures["IoU, the brain"] == pytest.approx(m["line_iou"], abs=1e-3)
     assert figures["the bar's half-width (px)"] == pytest.approx(game.LINE_WIDTH / 2 * 32, abs=1e-3)
