@@ -14,6 +14,7 @@ import datetime
 import difflib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -980,6 +981,21 @@ def heldout_rng(i, salt=0, split="test"):
     if split not in HELDOUT_SPLITS:
         raise ValueError(f"heldout_rng: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
     return np.random.default_rng([HELDOUT_SPLITS[split], salt, i])
+
+
+def heldout_sentences(sentences, split):
+    """The text pretraining's held-out sentences (they travel in every checkpoint) of one split, in their order:
+    "val" is the half (rounded up) whose seeded hash is smallest, "test" the rest. Membership depends on the set
+    only, so every stage and eval.py split a checkpoint's sentences alike, earlier sessions' checkpoints too. A
+    single sentence cannot be split: it serves both."""
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"heldout_sentences: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
+    sentences = list(sentences or [])
+    if len(sentences) < 2:
+        return sentences
+    ranked = sorted(set(sentences), key=lambda s: hashlib.blake2b(s.encode(), key=b"val/test", digest_size=8).digest())
+    val = set(ranked[: (len(ranked) + 1) // 2])
+    return [s for s in sentences if (s in val) == (split == "val")]
 
 
 # The colours an image may hold, for reading a reconstruction back into objects.
@@ -2131,7 +2147,7 @@ def replay_count(args, text_trains=True):
 def forgetting_baseline(run, brain, args):
     """Before a skill stage, from the --init-from brain: replay_count(...) sentences its text model writes
     (to train on), and the forgetting probe on --eval-frames of the image pretraining's held-out frames and
-    of the text pretraining's held-out sentences (or, for a checkpoint that carries none, more sentences the
+    of the text pretraining's held-out sentences of the "val" split (or, for a checkpoint that carries none, more sentences the
     text model writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run
     trains on and compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
     n_replay, n_heldout = replay_count(args, trains(brain, "text_enc", "text_dec")), args.eval_frames
@@ -2139,12 +2155,12 @@ def forgetting_baseline(run, brain, args):
     if "replay" not in run.cursor:
         g = torch.Generator(device=run.device)
         g.manual_seed(run.args.seed)                  # the same sentences on every rank
-        heldout = run.heldout_text[:n_heldout] if run.heldout_text else []
+        heldout = heldout_sentences(run.heldout_text, "val")[:n_heldout]
         bank = replay_sentences(brain, n_replay + n_heldout - len(heldout), g)
         sentences = torch.cat([run.tokenizer.encode(heldout, brain.cfg.seq_len), bank[n_replay:]])
         run.cursor.update(replay=bank[:n_replay], probe_sentences=sentences,
                           before=forgetting_probe(brain, frames, sentences))
-        run.log(f"before this stage ({len(heldout)} held-out sentences of text pretraining): "
+        run.log(f"before this stage ({len(heldout)} held-out sentences of text pretraining, val split): "
                 + " | ".join(f"{k} {v:.4g}" for k, v in run.cursor["before"].items()))
     c = run.cursor
     return c["replay"].to(run.device), dict(frames=frames, sentences=c["probe_sentences"], before=c["before"])

@@ -6,13 +6,13 @@
 A checkpoint is a file, a run folder (its newest valid checkpoint) or FOLDER/best. For every skill the
 checkpoint was trained for (checkpoints list them, their ancestors' included; any other skill is reported
 as "not trained", not measured), on held-out seeds fixed in core.py: the "test" split of core.heldout_rng,
-which no stage script sees (they evaluate, and choose their best checkpoints, on the "val" split; the text
-pretraining's held-out sentences are the one set both use):
+which no stage script sees (they evaluate, and choose their best checkpoints, on the "val" split; likewise
+the text pretraining's held-out sentences, core.heldout_sentences, since the thirty-first session):
 
   image  reconstruction MSE of image-pretraining frames, beside the MSE of the mean frame; the share of
          frames whose agent, eye, gold and walls come back in their colours
-  text   next-token loss and perplexity on the text pretraining's held-out sentences (they travel in the
-         checkpoint), beside a unigram model fit on those very sentences; sampled sentences
+  text   next-token loss and perplexity on the test half of the text pretraining's held-out sentences (they
+         travel in the checkpoint), beside a unigram model fit on those very sentences; sampled sentences
   line   line IoU with the held-back prompts, beside drawing nothing and drawing the mean line, and with the
          training prompts (a later stage can keep the trick for the prompts it replays only); angle and
          length errors; lines drawn when nobody asked (plain reconstruction)
@@ -88,14 +88,14 @@ def unigram_loss(ids):
 
 
 def text_figures(c, sizes, prefix):
-    sentences = (c.ckpt.get("heldout_text") or [])[: sizes["sentences"]]
+    sentences = core.heldout_sentences(c.ckpt.get("heldout_text"), "test")[: sizes["sentences"]]
     if not sentences:
         return [("held-out loss (nats/token)", "no held-out sentences in the checkpoint", "str")], None
     ids = c.tokenizer.encode(sentences, c.brain.cfg.seq_len)
     loss = core.sentence_loss(c.brain, ids)
     g = torch.Generator(device=c.device).manual_seed(0)
     samples = [c.tokenizer.decode(t) for t in core.replay_sentences(c.brain, 4, g)]
-    return [(f"held-out loss (nats/token, {len(sentences)} sentences)", loss, "num"),
+    return [(f"held-out loss (nats/token, {len(sentences)} test sentences)", loss, "num"),
             ("held-out perplexity", math.exp(loss), "num"),
             ("baseline: unigram loss on the same sentences", unigram_loss(ids), "num")], samples
 

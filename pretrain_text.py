@@ -2,8 +2,9 @@
 
 Trains the run's tokenizer when it has none, then the brain's text model on next-token
 prediction over English sentences, with no image to look at. Loss and perplexity are measured
-on held-out sentences the model never trains on, and a few sampled sentences go to the log at
-each evaluation.
+on held-out sentences the model never trains on (their "val" half, core.heldout_sentences, which
+also chooses the best checkpoint; eval.py reports on the "test" half), and a few sampled sentences
+go to the log at each evaluation.
 
 Data (`--corpus`, several allowed): a Tatoeba export (`sentences.csv` or the per-language
 `eng_sentences.tsv`, `id<TAB>lang<TAB>text`; only `eng` is kept) or a plain text file with one
@@ -382,7 +383,9 @@ def main(argv=None):
     for w in caught:
         run.log(f"warning: {w.message}")
     train, heldout = split_heldout(sentences, args.heldout_frac, args.seed)
-    run.log(f"corpus: {len(train)} training and {len(heldout)} held-out sentences ({counts})")
+    val = core.heldout_sentences(heldout, "val")     # evaluated on here; eval.py reports on the "test" rest
+    run.log(f"corpus: {len(train)} training and {len(heldout)} held-out sentences ({len(val)} validation, "
+            f"{len(heldout) - len(val)} test) ({counts})")
     if run.cursor and run.cursor.get("sentences") != len(train):
         run.log(f"warning: the corpus changed since the checkpoint ({run.cursor['sentences']} -> {len(train)} "
                 f"training sentences); the data order will differ from an uninterrupted run")
@@ -395,7 +398,7 @@ def main(argv=None):
     run.heldout_text = heldout           # travels on in every later checkpoint, to measure forgetting
     seq_len = run.cfg.seq_len
     train_ids = tokenizer.encode(train, seq_len).to(run.device)
-    heldout_ids = tokenizer.encode(heldout, seq_len).to(run.device)
+    val_ids = tokenizer.encode(val, seq_len).to(run.device)
     run.log(f"{(train_ids[:, -1] != core.PAD).float().mean().item():.1%} of training sentences truncated to {seq_len} tokens")
 
     for batch in run.batches():
@@ -406,7 +409,7 @@ def main(argv=None):
         run.step(loss)
         run.log_step({"loss": loss.item()}, samples=args.batch_size)
         if run.due(args.eval_every) or run.final():
-            metrics, samples = evaluate(brain, tokenizer, heldout_ids, args.samples, run.torch_generator())
+            metrics, samples = evaluate(brain, tokenizer, val_ids, args.samples, run.torch_generator())
             for s in samples:
                 run.log(f"sample: {s}")
             run.save(metrics, metric=metrics["heldout_loss"])

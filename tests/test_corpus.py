@@ -3,6 +3,7 @@ import codecs
 
 import pytest
 
+import core
 import pretrain_text as pt
 from pretrain_text import CorpusError, CorpusWarning
 
@@ -179,6 +180,18 @@ def test_heldout_split_is_disjoint_deterministic_and_order_free():
     assert not set(train) & set(heldout)
     assert set(pt.split_heldout(sentences[::-1], frac=0.02, seed=0)[1]) == set(heldout)
     assert set(pt.split_heldout(sentences, frac=0.02, seed=1)[1]) != set(heldout)
+
+
+def test_heldout_sentences_split_into_validation_and_test_halves_alike_in_any_order():
+    heldout = pt.split_heldout([f"Sentence number {i}." for i in range(1000)], frac=0.05, seed=0)[1]
+    val, test = core.heldout_sentences(heldout, "val"), core.heldout_sentences(heldout, "test")
+    assert len(val) == 25 and len(test) == 25 and not set(val) & set(test) and set(val) | set(test) == set(heldout)
+    assert val == [s for s in heldout if s in set(val)]                    # in the checkpoint's order
+    assert set(core.heldout_sentences(heldout[::-1], "val")) == set(val)   # membership by the set, not the order
+    assert len(core.heldout_sentences(heldout[:7], "val")) == 4 and core.heldout_sentences(None, "test") == []
+    assert core.heldout_sentences(["One."], "val") == core.heldout_sentences(["One."], "test") == ["One."]
+    with pytest.raises(ValueError, match="split must be one of test, val, not 'train'"):
+        core.heldout_sentences(heldout, "train")
 
 
 def test_heldout_split_of_a_tiny_corpus_still_holds_one_out():

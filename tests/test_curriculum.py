@@ -160,8 +160,12 @@ def test_eval_reports_skills_a_checkpoint_lacks_as_not_trained_and_puts_two_side
     assert f"report: {tmp_path / 'report' / 'report.md'}" in out
     rows = report_rows(tmp_path / "report" / "report.md")
     assert rows["image", "held-out MSE"][1] == "not trained" and float(rows["image", "held-out MSE"][0]) > 0
-    loss = next(cells for (s, name), cells in rows.items() if s == "text" and name.startswith("held-out loss"))
+    name, loss = next((name, cells) for (s, name), cells in rows.items() if s == "text" and name.startswith("held-out loss"))
     assert loss[0] == "not trained" and float(loss[1]) > 0
+    brain = core.load_brain(str(text))[0]
+    test = tokenizer.encode(core.heldout_sentences(sentences[:4], "test"), brain.cfg.seq_len)   # the test half
+    assert name == "held-out loss (nats/token, 2 test sentences)"
+    assert float(loss[1]) == pytest.approx(core.sentence_loss(brain, test), rel=1e-3)
     for skill in ("line", "qa", "agent"):
         assert [cells for (s, _), cells in rows.items() if s == skill] == [["not trained", "not trained"]]
     assert (tmp_path / "report" / "1_pretrain_image_reconstructions.png").exists()

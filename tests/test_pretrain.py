@@ -67,6 +67,13 @@ def test_text_stage_trains_its_tokenizer_once_and_it_travels(tmp_path, corpus):
     ckpt = core.load_checkpoint(core.resolve_checkpoint(str(tmp_path)))
     tok = core.Tokenizer.from_json(ckpt["tokenizer"])
     assert tok.decode(tok.encode([SENTENCES[0]], 32)[0]) == SENTENCES[0]
+    # the stage evaluates (and chooses its best) on the validation half of its held-out sentences, not on the
+    # test half that eval.py reports
+    brain = core.load_brain(core.resolve_checkpoint(str(tmp_path)))[0]
+    val, test = (tok.encode(core.heldout_sentences(ckpt["heldout_text"], split), 32) for split in ("val", "test"))
+    assert len(val) == len(test) == 2 and "2 validation, 2 test" in out
+    assert ckpt["metrics"]["heldout_loss"] == pytest.approx(core.sentence_loss(brain, val), rel=1e-5)
+    assert ckpt["metrics"]["heldout_loss"] != pytest.approx(core.sentence_loss(brain, test), rel=1e-5)
     out = run_script("pretrain_text.py", *stage_args("pretrain_text.py", tmp_path, 8, ["--corpus", corpus, "--resume"])).stdout
     assert "trained a byte-level BPE tokenizer" not in out
     assert core.load_checkpoint(core.resolve_checkpoint(str(tmp_path)))["tokenizer"] == ckpt["tokenizer"]

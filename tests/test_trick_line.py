@@ -105,7 +105,7 @@ def stage_args(run_dir, steps, init):
 
 def test_a_few_steps_measure_the_trick_and_forgetting_and_a_killed_run_resumes_exactly(tmp_path, pretrained):
     out = run_script("trick_line.py", *stage_args(tmp_path / "a", 12, pretrained)).stdout
-    assert "held-out sentences of text pretraining): plain_mse" in out
+    assert "held-out sentences of text pretraining, val split): plain_mse" in out
     for key in ("line_iou", "iou_nothing", "iou_mean_line", "angle_err_deg", "task_mse", "phantom_line_plain",
                 "plain_mse_ratio", "text_loss_ratio"):
         assert f"{key} " in out
