@@ -2,12 +2,14 @@
 
     python eval.py runs/curriculum/grpo/best
     python eval.py runs/curriculum/qa/best runs/curriculum/grpo/best --out reports/rl    # before / after
+    python eval.py runs/curriculum/grpo/best --split val    # the scenes the stages chose their best by
 
 A checkpoint is a file, a run folder (its newest valid checkpoint) or FOLDER/best. For every skill the
 checkpoint was trained for (checkpoints list them, their ancestors' included; any other skill is reported
 as "not trained", not measured), on held-out seeds fixed in core.py: the "test" split of core.heldout_rng,
 which no stage script sees (they evaluate, and choose their best checkpoints, on the "val" split; likewise
-the text pretraining's held-out sentences, core.heldout_sentences, since the thirty-first session):
+the text pretraining's held-out sentences, core.heldout_sentences, since the thirty-first session); `--split val`
+measures on the stages' split instead, to set a report beside their logs:
 
   image  reconstruction MSE of image-pretraining frames, beside the MSE of the mean frame; the share of
          frames whose agent, eye, gold and walls come back in their colours
@@ -41,7 +43,7 @@ import core
 import game
 
 SKILLS = ("image", "text", "line", "qa", "agent")
-# held-out set sizes: the stage scripts' defaults (same sizes; the test split's scenes), and a smoke-test size
+# held-out set sizes: the stage scripts' defaults (same sizes; --split chooses the scenes), and a smoke-test size
 SIZES = {"full": dict(frames=256, sentences=None, line_scenes=256, qa_scenes=100, agent_scenes=100,
                       offsets=(0.1, 0.2, 0.3, 0.5)),
          "quick": dict(frames=32, sentences=256, line_scenes=32, qa_scenes=10, agent_scenes=16, offsets=(0.1, 0.3))}
@@ -70,7 +72,8 @@ class Checkpoint:
 
 
 def image_figures(c, sizes, prefix):
-    frames = game.pretrain_image_batch(sizes["frames"], c.brain.cfg.img_size, core.heldout_rng(0), c.device)
+    frames = game.pretrain_image_batch(sizes["frames"], c.brain.cfg.img_size, core.heldout_rng(0, split=sizes["split"]),
+                                       c.device)
     recon = torch.cat([c.brain.img_autoencoder(f).float() for f in frames.split(64)])
     core.save_image_grid([frames[:8], recon[:8]], prefix + "reconstructions.png")
     rows = [("held-out MSE", torch.nn.functional.mse_loss(recon, frames).item(), "num"),
@@ -88,20 +91,20 @@ def unigram_loss(ids):
 
 
 def text_figures(c, sizes, prefix):
-    sentences = core.heldout_sentences(c.ckpt.get("heldout_text"), "test")[: sizes["sentences"]]
+    sentences = core.heldout_sentences(c.ckpt.get("heldout_text"), sizes["split"])[: sizes["sentences"]]
     if not sentences:
         return [("held-out loss (nats/token)", "no held-out sentences in the checkpoint", "str")], None
     ids = c.tokenizer.encode(sentences, c.brain.cfg.seq_len)
     loss = core.sentence_loss(c.brain, ids)
     g = torch.Generator(device=c.device).manual_seed(0)
     samples = [c.tokenizer.decode(t) for t in core.replay_sentences(c.brain, 4, g)]
-    return [(f"held-out loss (nats/token, {len(sentences)} test sentences)", loss, "num"),
+    return [(f"held-out loss (nats/token, {len(sentences)} {sizes['split']} sentences)", loss, "num"),
             ("held-out perplexity", math.exp(loss), "num"),
             ("baseline: unigram loss on the same sentences", unigram_loss(ids), "num")], samples
 
 
 def line_figures(c, sizes, prefix):
-    rng = core.heldout_rng(0, salt=3)            # the test split of trick_line.py's held-out scenes
+    rng = core.heldout_rng(0, salt=3, split=sizes["split"])     # trick_line.py's held-out scenes
     scenes = game.random_bare_scenes(rng, sizes["line_scenes"])
     m, pictures = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["heldout"])
     trained = core.line_metrics(c.brain, c.tokenizer, scenes, core.LINE_PROMPTS["train"])[0]
@@ -119,7 +122,7 @@ def line_figures(c, sizes, prefix):
 
 
 def qa_figures(c, sizes, prefix):
-    scenes = core.qa_scenes(sizes["qa_scenes"], core.heldout_rng(0, salt=4))    # test split of tutorial_qa.py's
+    scenes = core.qa_scenes(sizes["qa_scenes"], core.heldout_rng(0, salt=4, split=sizes["split"]))  # tutorial_qa.py's
     answers = core.qa_answers(c.brain, c.tokenizer, scenes, "heldout")
     accuracy, chance = core.accuracy_by_family(answers), core.qa_chance(scenes)
     draw_qa(scenes, answers, prefix + "qa.png")
@@ -138,8 +141,8 @@ def qa_figures(c, sizes, prefix):
 
 def agent_figures(c, sizes, prefix):
     size, device = c.brain.cfg.img_size, c.device
-    m = core.evaluate_agent(c.brain, size, device, sizes["offsets"], sizes["agent_scenes"])
-    draw_trajectories(c.brain, size, device, max(sizes["offsets"]), prefix + "trajectories.png")
+    m = core.evaluate_agent(c.brain, size, device, sizes["offsets"], sizes["agent_scenes"], split=sizes["split"])
+    draw_trajectories(c.brain, size, device, max(sizes["offsets"]), prefix + "trajectories.png", sizes["split"])
     rows = []
     for offset in sizes["offsets"]:
         rows += [(f"success @{offset}: greedy", m[f"greedy_success@{offset}"], "pct"),
@@ -202,10 +205,10 @@ def draw_qa(scenes, answers, path, per_family=2):
     sheet.save(path)
 
 
-def draw_trajectories(brain, size, device, offset, path, n=8):
+def draw_trajectories(brain, size, device, offset, path, split="test", n=8):
     """The brain's greedy path (magenta) and the oracle's (blue) from held-out start scenes."""
     from PIL import Image, ImageDraw
-    scenes = core.agent_scenes(offset, n, salt=int(offset * 100))     # the first scenes the agent row plays
+    scenes = core.agent_scenes(offset, n, salt=int(offset * 100), split=split)   # the first the agent row plays
     paths = {policy: core.rollout(scenes, policy, size, device, brain=brain) for policy in ("greedy", "oracle")}
     px, font = PICTURE_PX, _font(12)
     sheet = Image.new("RGB", (n * px, px + 18), "white")
@@ -362,9 +365,12 @@ def main(argv=None):
     parser.add_argument("--gpu", type=core.at_least(0), default=None,
                         help="CUDA device index (shorthand for --device cuda:N)")
     parser.add_argument("--quick", action="store_true", help="small held-out sets: a smoke test, not a measurement")
+    parser.add_argument("--split", choices=list(core.HELDOUT_SPLITS), default="test",
+                        help="held-out split: test (default; no stage sees it) or val (the one the stages evaluate on "
+                             "and choose their best by, to compare with their logs)")
     args = parser.parse_args(argv)
     device = core.pick_device(args)
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = dict(SIZES["quick" if args.quick else "full"], split=args.split)
     checkpoints = [Checkpoint(spec, device) for spec in args.checkpoints]       # all load before any is measured
     os.makedirs(args.out, exist_ok=True)
 
@@ -395,7 +401,8 @@ def main(argv=None):
 
     report = "\n".join([
         "# Evaluation report", "",
-        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'}; device {device}. A skill a checkpoint "
+        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'}, the {args.split} split; device {device}. "
+        "A skill a checkpoint "
         "was not trained for is marked \"not trained\". Baselines are measured on the same data in the same run.",
         "", table(labels, columns), "", *sections])
     path = os.path.join(args.out, "report.md")

@@ -172,6 +172,29 @@ def test_eval_reports_skills_a_checkpoint_lacks_as_not_trained_and_puts_two_side
     assert not (tmp_path / "report" / "2_pretrain_text_reconstructions.png").exists()
 
 
+def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
+    """--split val measures on the stages' held-out data (to set a report beside their logs), test by default."""
+    sentences = [f"The {a} {b} is near the {c}." for a in ("red", "old") for b in ("cat", "gold") for c in ("door", "wall")]
+    tokenizer = core.Tokenizer.train(sentences, 300)
+    ckpt = small_checkpoint(tmp_path / "agent.pt", "rl_grpo", ["text", "agent"], tokenizer, sentences[:6])
+    brain = core.load_brain(str(ckpt))[0]
+    for split in ("test", "val"):
+        out = tmp_path / split
+        run_script("eval.py", ckpt, "--quick", "--device", "cpu", "--out", out, *(["--split", split] if split == "val" else []))
+        assert "the %s split" % split in open(out / "report.md").read()
+        rows = {name: float(cells[0].rstrip("%")) for (_, name), cells in report_rows(out / "report.md").items()
+                if cells[0].rstrip("%").replace(".", "", 1).isdigit()}
+        held = core.heldout_sentences(sentences[:6], split)
+        assert rows[f"held-out loss (nats/token, 3 {split} sentences)"] == pytest.approx(
+            core.sentence_loss(brain, tokenizer.encode(held, brain.cfg.seq_len)), rel=1e-3)
+        m = core.evaluate_agent(None, brain.cfg.img_size, "cpu", (0.1, 0.3), 16, split=split)   # the baselines
+        for offset in (0.1, 0.3):
+            assert rows[f"actions to gold @{offset}: oracle"] == pytest.approx(m[f"oracle_actions@{offset}"], rel=1e-3)
+            assert rows[f"success @{offset}: baseline random"] == pytest.approx(100 * m[f"random_success@{offset}"], abs=0.05)
+    bad = run_script("eval.py", ckpt, "--split", "train", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'train'" in bad.stdout + bad.stderr
+
+
 def test_eval_says_clearly_what_is_wrong_with_a_checkpoint(tmp_path):
     missing = run_script("eval.py", tmp_path / "nope.pt", "--out", tmp_path / "r", check=False)
     assert missing.returncode == 2 and "nope.pt" in missing.stderr and "Traceback" not in missing.stderr
