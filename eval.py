@@ -25,7 +25,8 @@ measures on the stages' split instead, to set a report beside their logs:
          the same run
 
 Writes DIR/report.md (one table, a column per checkpoint, so two checkpoints show what a stage taught and
-what it made the brain forget) and PNGs: reconstructions, lines, QA answers, agent trajectories, and loss
+what it made the brain forget), DIR/report.json (the same figures unrounded, with each checkpoint's path,
+stage and batch and the split, for scripts that compare runs) and PNGs: reconstructions, lines, QA answers, agent trajectories, and loss
 curves from the metrics.jsonl of the checkpoint's run and of the runs it started from (--init-from).
 """
 import argparse
@@ -313,23 +314,35 @@ def fmt(value, kind):
     return {"pct": f"{value:.1%}", "ratio": f"{value:.2f}×", "num": f"{value:.4g}"}[kind]
 
 
+def as_number(value):
+    """A figure for report.json: a float, or None where it is not a number (NaN, a message)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def evaluate(c, sizes, prefix, log=print):
-    """{skill: [(figure, cell text)] or None (not trained)}, text samples, pictures written."""
-    results, samples = {}, None
+    """{skill: [(figure, cell text)] or None (not trained)}, text samples, {skill: {figure: number or None}} (the
+    unrounded values, for report.json); pictures written."""
+    results, samples, values = {}, None, {}
     c.brain.to(c.device)
     for skill in SKILLS:
         if skill not in c.skills:
-            results[skill] = None
+            results[skill] = values[skill] = None
             continue
         log(f"{c.label}: measuring {skill}", flush=True)
         with torch.no_grad():
             torch.manual_seed(0)
             rows, extra = MEASURES[skill](c, sizes, prefix)
         results[skill] = [(name, fmt(v, kind)) for name, v, kind in rows]
+        values[skill] = {name: v if kind == "str" else as_number(v) for name, v, kind in rows}
         samples = extra if skill == "text" else samples
     c.brain.cpu()                      # one brain on the device at a time
     results["forgetting"] = [(name, fmt(v, kind)) for name, v, kind in forgetting_figures(c)]
-    return results, samples
+    values["forgetting"] = {name: as_number(v) for name, v, _ in forgetting_figures(c)}
+    return results, samples, values
 
 
 def table(labels, columns):
@@ -374,13 +387,15 @@ def main(argv=None):
     checkpoints = [Checkpoint(spec, device) for spec in args.checkpoints]       # all load before any is measured
     os.makedirs(args.out, exist_ok=True)
 
-    labels, columns, sections = [], [], []
+    labels, columns, sections, figures = [], [], [], []
     for i, c in enumerate(checkpoints, 1):
         label = f"{i}: {c.label}" if len(checkpoints) > 1 else c.label
         prefix = os.path.join(args.out, f"{i}_{c.ckpt.get('stage')}_")
         for old in glob.glob(glob.escape(prefix) + "*.png"):      # pictures of an earlier report in this folder
             os.remove(old)
-        results, samples = evaluate(c, sizes, prefix)
+        results, samples, values = evaluate(c, sizes, prefix)
+        figures.append(dict(label=label, checkpoint=c.path, stage=c.ckpt.get("stage"), batch=c.ckpt.get("batch"),
+                            skills=[s for s in SKILLS if s in c.skills], figures=values, samples=samples))
         labels.append(label)
         columns.append(results)
         section = [f"### {label}", "", f"`{c.path}`", "",
@@ -409,6 +424,10 @@ def main(argv=None):
     with open(path + ".tmp", "w") as f:
         f.write(report + "\n")
     os.replace(path + ".tmp", path)
+    meta = dict(split=args.split, held_out="quick" if args.quick else "full", device=str(device), sizes=sizes)
+    with open(os.path.join(args.out, "report.json.tmp"), "w") as f:     # the same figures, unrounded, for scripts
+        json.dump(dict(meta, checkpoints=figures), f, indent=1)
+    os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
     print(table(labels, columns))
     print(f"report: {path}")
 

@@ -3,6 +3,7 @@ checkpoints that lack skills, side by side, and on files that are not checkpoint
 import argparse
 import dataclasses
 import importlib
+import json
 import os
 import pty
 import re
@@ -173,7 +174,8 @@ def test_eval_reports_skills_a_checkpoint_lacks_as_not_trained_and_puts_two_side
 
 
 def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
-    """--split val measures on the stages' held-out data (to set a report beside their logs), test by default."""
+    """--split val measures on the stages' held-out data (to set a report beside their logs), test by default;
+    report.json holds the report's figures unrounded."""
     sentences = [f"The {a} {b} is near the {c}." for a in ("red", "old") for b in ("cat", "gold") for c in ("door", "wall")]
     tokenizer = core.Tokenizer.train(sentences, 300)
     ckpt = small_checkpoint(tmp_path / "agent.pt", "rl_grpo", ["text", "agent"], tokenizer, sentences[:6])
@@ -182,15 +184,20 @@ def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
         out = tmp_path / split
         run_script("eval.py", ckpt, "--quick", "--device", "cpu", "--out", out, *(["--split", split] if split == "val" else []))
         assert "the %s split" % split in open(out / "report.md").read()
-        rows = {name: float(cells[0].rstrip("%")) for (_, name), cells in report_rows(out / "report.md").items()
-                if cells[0].rstrip("%").replace(".", "", 1).isdigit()}
+        report = json.load(open(out / "report.json"))          # the same figures, unrounded, for scripts
+        assert report["split"] == split and [c["checkpoint"] for c in report["checkpoints"]] == [str(ckpt)]
+        figures = report["checkpoints"][0]["figures"]
+        assert figures["image"] is None and set(figures) == {"image", "text", "line", "qa", "agent", "forgetting"}
+        rows = {name: value for skill in ("text", "agent") for name, value in figures[skill].items()}
+        table = report_rows(out / "report.md")
+        assert table["agent", "success @0.3: baseline oracle"] == [f"{rows['success @0.3: baseline oracle']:.1%}"]
         held = core.heldout_sentences(sentences[:6], split)
         assert rows[f"held-out loss (nats/token, 3 {split} sentences)"] == pytest.approx(
-            core.sentence_loss(brain, tokenizer.encode(held, brain.cfg.seq_len)), rel=1e-3)
+            core.sentence_loss(brain, tokenizer.encode(held, brain.cfg.seq_len)), rel=1e-5)
         m = core.evaluate_agent(None, brain.cfg.img_size, "cpu", (0.1, 0.3), 16, split=split)   # the baselines
         for offset in (0.1, 0.3):
-            assert rows[f"actions to gold @{offset}: oracle"] == pytest.approx(m[f"oracle_actions@{offset}"], rel=1e-3)
-            assert rows[f"success @{offset}: baseline random"] == pytest.approx(100 * m[f"random_success@{offset}"], abs=0.05)
+            assert rows[f"actions to gold @{offset}: oracle"] == pytest.approx(m[f"oracle_actions@{offset}"])
+            assert rows[f"success @{offset}: baseline random"] == m[f"random_success@{offset}"]
     bad = run_script("eval.py", ckpt, "--split", "train", check=False)
     assert bad.returncode == 2 and "invalid choice: 'train'" in bad.stdout + bad.stderr
 
