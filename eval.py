@@ -13,8 +13,9 @@ measures on the stages' split instead, to set a report beside their logs:
 
   image  reconstruction MSE of image-pretraining frames, beside the MSE of the mean frame; the share of
          frames whose agent, eye, gold and walls come back in their colours
-  text   next-token loss and perplexity on the test half of the text pretraining's held-out sentences (they
-         travel in the checkpoint), beside a unigram model fit on those very sentences; sampled sentences
+  text   next-token loss and perplexity on the test (or val) half of the text pretraining's held-out
+         sentences (they travel in the checkpoint), beside a unigram model fit on those very sentences;
+         sampled sentences
   line   line IoU with the held-back prompts, beside drawing nothing and drawing the mean line, and with the
          training prompts (a later stage can keep the trick for the prompts it replays only); angle and
          length errors; lines drawn when nobody asked (plain reconstruction)
@@ -26,8 +27,10 @@ measures on the stages' split instead, to set a report beside their logs:
 
 Writes DIR/report.md (one table, a column per checkpoint, so two checkpoints show what a stage taught and
 what it made the brain forget), DIR/report.json (the same figures unrounded, with each checkpoint's path,
-stage and batch and the split, for scripts that compare runs) and PNGs: reconstructions, lines, QA answers, agent trajectories, and loss
-curves from the metrics.jsonl of the checkpoint's run and of the runs it started from (--init-from).
+stage and batch and the split, for scripts that compare runs) and PNGs: reconstructions, lines, QA
+answers, agent trajectories, and loss curves from the metrics.jsonl of the checkpoint's run and of the runs
+it started from (--init-from). --qa-scenes, --agent-scenes and --line-scenes enlarge the held-out sets (100
+QA scenes a family give about +-3-5 points a family).
 """
 import argparse
 import glob
@@ -381,9 +384,15 @@ def main(argv=None):
     parser.add_argument("--split", choices=list(core.HELDOUT_SPLITS), default="test",
                         help="held-out split: test (default; no stage sees it) or val (the one the stages evaluate on "
                              "and choose their best by, to compare with their logs)")
+    for key, what in (("line_scenes", "line trick scenes"), ("qa_scenes", "QA scenes per family"),
+                      ("agent_scenes", "agent scenes per offset")):
+        parser.add_argument("--" + key.replace("_", "-"), type=core.at_least(1), default=None,
+                            help=f"held-out {what} (default: {SIZES['full'][key]}, or {SIZES['quick'][key]} "
+                                 "with --quick); more for tighter figures")
     args = parser.parse_args(argv)
     device = core.pick_device(args)
     sizes = dict(SIZES["quick" if args.quick else "full"], split=args.split)
+    sizes.update({key: getattr(args, key) for key in ("line_scenes", "qa_scenes", "agent_scenes") if getattr(args, key)})
     checkpoints = [Checkpoint(spec, device) for spec in args.checkpoints]       # all load before any is measured
     os.makedirs(args.out, exist_ok=True)
 
@@ -416,7 +425,9 @@ def main(argv=None):
 
     report = "\n".join([
         "# Evaluation report", "",
-        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'}, the {args.split} split; device {device}. "
+        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'} ({sizes['qa_scenes']} QA scenes a family, "
+        f"{sizes['agent_scenes']} agent scenes a offset, {sizes['line_scenes']} line scenes), the {args.split} split; "
+        f"device {device}. "
         "A skill a checkpoint "
         "was not trained for is marked \"not trained\". Baselines are measured on the same data in the same run.",
         "", table(labels, columns), "", *sections])

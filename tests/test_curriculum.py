@@ -175,17 +175,18 @@ def test_eval_reports_skills_a_checkpoint_lacks_as_not_trained_and_puts_two_side
 
 def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
     """--split val measures on the stages' held-out data (to set a report beside their logs), test by default;
-    report.json holds the report's figures unrounded."""
+    --agent-scenes (like --qa-scenes, --line-scenes) sizes a held-out set; report.json holds the figures unrounded."""
     sentences = [f"The {a} {b} is near the {c}." for a in ("red", "old") for b in ("cat", "gold") for c in ("door", "wall")]
     tokenizer = core.Tokenizer.train(sentences, 300)
     ckpt = small_checkpoint(tmp_path / "agent.pt", "rl_grpo", ["text", "agent"], tokenizer, sentences[:6])
     brain = core.load_brain(str(ckpt))[0]
-    for split in ("test", "val"):
+    for split, n, extra in (("test", 16, []), ("val", 12, ["--split", "val", "--agent-scenes", 12])):
         out = tmp_path / split
-        run_script("eval.py", ckpt, "--quick", "--device", "cpu", "--out", out, *(["--split", split] if split == "val" else []))
+        run_script("eval.py", ckpt, "--quick", "--device", "cpu", "--out", out, *extra)
         assert "the %s split" % split in open(out / "report.md").read()
         report = json.load(open(out / "report.json"))          # the same figures, unrounded, for scripts
         assert report["split"] == split and [c["checkpoint"] for c in report["checkpoints"]] == [str(ckpt)]
+        assert report["sizes"]["agent_scenes"] == n and f"{n} agent scenes a offset" in open(out / "report.md").read()
         figures = report["checkpoints"][0]["figures"]
         assert figures["image"] is None and set(figures) == {"image", "text", "line", "qa", "agent", "forgetting"}
         rows = {name: value for skill in ("text", "agent") for name, value in figures[skill].items()}
@@ -194,7 +195,7 @@ def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
         held = core.heldout_sentences(sentences[:6], split)
         assert rows[f"held-out loss (nats/token, 3 {split} sentences)"] == pytest.approx(
             core.sentence_loss(brain, tokenizer.encode(held, brain.cfg.seq_len)), rel=1e-5)
-        m = core.evaluate_agent(None, brain.cfg.img_size, "cpu", (0.1, 0.3), 16, split=split)   # the baselines
+        m = core.evaluate_agent(None, brain.cfg.img_size, "cpu", (0.1, 0.3), n, split=split)   # the baselines
         for offset in (0.1, 0.3):
             assert rows[f"actions to gold @{offset}: oracle"] == pytest.approx(m[f"oracle_actions@{offset}"])
             assert rows[f"success @{offset}: baseline random"] == m[f"random_success@{offset}"]
