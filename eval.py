@@ -425,8 +425,8 @@ def main(argv=None):
 
     report = "\n".join([
         "# Evaluation report", "",
-        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'} ({sizes['qa_scenes']} QA scenes a family, "
-        f"{sizes['agent_scenes']} agent scenes a offset, {sizes['line_scenes']} line scenes), the {args.split} split; "
+        f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'} ({sizes['qa_scenes']} QA scenes per family, "
+        f"{sizes['agent_scenes']} agent scenes per offset, {sizes['line_scenes']} line scenes), the {args.split} split; "
         f"device {device}. "
         "A skill a checkpoint "
         "was not trained for is marked \"not trained\". Baselines are measured on the same data in the same run.",

@@ -186,7 +186,7 @@ def test_eval_measures_on_the_split_it_is_asked_for(tmp_path):
         assert "the %s split" % split in open(out / "report.md").read()
         report = json.load(open(out / "report.json"))          # the same figures, unrounded, for scripts
         assert report["split"] == split and [c["checkpoint"] for c in report["checkpoints"]] == [str(ckpt)]
-        assert report["sizes"]["agent_scenes"] == n and f"{n} agent scenes a offset" in open(out / "report.md").read()
+        assert report["sizes"]["agent_scenes"] == n and f"{n} agent scenes per offset" in open(out / "report.md").read()
         figures = report["checkpoints"][0]["figures"]
         assert figures["image"] is None and set(figures) == {"image", "text", "line", "qa", "agent", "forgetting"}
         rows = {name: value for skill in ("text", "agent") for name, value in figures[skill].items()}
