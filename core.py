@@ -2147,8 +2147,8 @@ def replay_count(args, text_trains=True):
 def forgetting_baseline(run, brain, args):
     """Before a skill stage, from the --init-from brain: replay_count(...) sentences its text model writes
     (to train on), and the forgetting probe on --eval-frames of the image pretraining's held-out frames and
-    of the text pretraining's held-out sentences of the "val" split (or, for a checkpoint that carries none, more sentences the
-    text model writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run
+    of the text pretraining's held-out sentences of the "val" split (or, for a checkpoint that carries none,
+    more sentences the text model writes). Made once, on a fresh run, and kept in the checkpoint's cursor, so a resumed run
     trains on and compares with the same. Returns (training sentences, probe = {frames, sentences, before})."""
     n_replay, n_heldout = replay_count(args, trains(brain, "text_enc", "text_dec")), args.eval_frames
     frames = game.pretrain_image_batch(n_heldout, brain.cfg.img_size, heldout_rng(0, split="val"), run.device)

@@ -392,7 +392,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = core.pick_device(args)
     sizes = dict(SIZES["quick" if args.quick else "full"], split=args.split)
-    sizes.update({key: getattr(args, key) for key in ("line_scenes", "qa_scenes", "agent_scenes") if getattr(args, key)})
+    sizes.update({key: getattr(args, key) for key in ("line_scenes", "qa_scenes", "agent_scenes")
+                  if getattr(args, key)})
     checkpoints = [Checkpoint(spec, device) for spec in args.checkpoints]       # all load before any is measured
     os.makedirs(args.out, exist_ok=True)
 
@@ -426,8 +427,8 @@ def main(argv=None):
     report = "\n".join([
         "# Evaluation report", "",
         f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'} ({sizes['qa_scenes']} QA scenes per family, "
-        f"{sizes['agent_scenes']} agent scenes per offset, {sizes['line_scenes']} line scenes), the {args.split} split; "
-        f"device {device}. "
+        f"{sizes['agent_scenes']} agent scenes per offset, {sizes['line_scenes']} line scenes), "
+        f"the {args.split} split; device {device}. "
         "A skill a checkpoint "
         "was not trained for is marked \"not trained\". Baselines are measured on the same data in the same run.",
         "", table(labels, columns), "", *sections])
