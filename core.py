@@ -975,11 +975,15 @@ def init_from(brain, paths, log=print):
 HELDOUT_SPLITS = {"test": 1, "val": 2}
 
 
+def _check_split(split, who):
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"{who}: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
+
+
 def heldout_rng(i, salt=0, split="test"):
     """Generators for held-out data: their seed sequences start with 1 (test) or 2 (val, HELDOUT_SPLITS),
     training's (Run.rng) with 0, so held-out scenes are never drawn in training nor shared by the splits."""
-    if split not in HELDOUT_SPLITS:
-        raise ValueError(f"heldout_rng: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
+    _check_split(split, "heldout_rng")
     return np.random.default_rng([HELDOUT_SPLITS[split], salt, i])
 
 
@@ -988,8 +992,7 @@ def heldout_sentences(sentences, split):
     "val" is the half (rounded up) whose seeded hash is smallest, "test" the rest. Membership depends on the set
     only, so every stage and eval.py split a checkpoint's sentences alike, earlier sessions' checkpoints too. A
     single sentence cannot be split: it serves both."""
-    if split not in HELDOUT_SPLITS:
-        raise ValueError(f"heldout_sentences: split must be one of {', '.join(HELDOUT_SPLITS)}, not {split!r}")
+    _check_split(split, "heldout_sentences")
     sentences = list(sentences or [])
     if len(sentences) < 2:
         return sentences

@@ -343,8 +343,9 @@ def evaluate(c, sizes, prefix, log=print):
         values[skill] = {name: v if kind == "str" else as_number(v) for name, v, kind in rows}
         samples = extra if skill == "text" else samples
     c.brain.cpu()                      # one brain on the device at a time
-    results["forgetting"] = [(name, fmt(v, kind)) for name, v, kind in forgetting_figures(c)]
-    values["forgetting"] = {name: as_number(v) for name, v, _ in forgetting_figures(c)}
+    forgetting = forgetting_figures(c)
+    results["forgetting"] = [(name, fmt(v, kind)) for name, v, kind in forgetting]
+    values["forgetting"] = {name: as_number(v) for name, v, _ in forgetting}
     return results, samples, values
 
 
@@ -370,6 +371,13 @@ def table(labels, columns):
                 cells.append(dict(results[skill]).get(name, "—"))
         lines.append(f"| {skill} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_file(path, text):
+    """Write text to path whole or not at all (a report half written by a killed run never replaces the last)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -428,18 +436,13 @@ def main(argv=None):
         "# Evaluation report", "",
         f"Held-out sets: {'quick (smoke test)' if args.quick else 'full'} ({sizes['qa_scenes']} QA scenes per family, "
         f"{sizes['agent_scenes']} agent scenes per offset, {sizes['line_scenes']} line scenes), "
-        f"the {args.split} split; device {device}. "
-        "A skill a checkpoint "
-        "was not trained for is marked \"not trained\". Baselines are measured on the same data in the same run.",
+        f"the {args.split} split; device {device}. A skill a checkpoint was not trained for is marked \"not trained\". "
+        "Baselines are measured on the same data in the same run.",
         "", table(labels, columns), "", *sections])
     path = os.path.join(args.out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(report + "\n")
-    os.replace(path + ".tmp", path)
+    write_file(path, report + "\n")
     meta = dict(split=args.split, held_out="quick" if args.quick else "full", device=str(device), sizes=sizes)
-    with open(os.path.join(args.out, "report.json.tmp"), "w") as f:     # the same figures, unrounded, for scripts
-        json.dump(dict(meta, checkpoints=figures), f, indent=1)
-    os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
+    write_file(os.path.join(args.out, "report.json"), json.dumps(dict(meta, checkpoints=figures), indent=1))
     print(table(labels, columns))
     print(f"report: {path}")
 
